@@ -1,0 +1,56 @@
+"""What every command shares: logging set-up, size parsing, turning errors into messages."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from cpi_merge.errors import CpiError
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``512M``, ``8G``, ``1.5T`` or a plain byte count.
+
+    Raises:
+        click.BadParameter: Not a size.
+
+    """
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1] if value and value[-1] in _SIZE_UNITS else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 512M, 8G or 1073741824") from None
+    if size <= 0:
+        raise click.BadParameter(f"{text!r}: size must be positive")
+    return size
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """Log to stderr: warnings by default, info with -v, debug with -vv."""
+    level = (
+        logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    )
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a :class:`CpiError` as one clean message (no traceback) and exit with status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CpiError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,162 @@
+"""Stream |θi − θ0| over a whole model, one tensor at a time, in bounded float32 chunks.
+
+Only the base tensor and the task tensors of the current name are held (in their stored
+dtype); the float32 work happens in reused chunk buffers, so peak memory does not grow
+with the model. Every chunk is checked for NaN/Inf (a single NaN would silently drop out
+of every comparison), and per-task update norms are accumulated on the first pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from cpi_merge.checkpoints import Checkpoint, TensorInfo
+from cpi_merge.core_select import DeltaChunk
+from cpi_merge.errors import NonFiniteError
+
+DEFAULT_CHUNK_ENTRIES = 1 << 22
+
+
+@dataclass
+class UpdateStats:
+    """Per-task statistics gathered while streaming (first pass only)."""
+
+    delta_sq: list[float]
+    base_sq: float = 0.0
+    changed: list[int] = field(default_factory=list)
+
+    def relative_norms(self) -> list[float]:
+        """‖θi − θ0‖ / ‖θ0‖ per task."""
+        base = math.sqrt(self.base_sq)
+        return [math.sqrt(d) / base if base > 0 else math.inf for d in self.delta_sq]
+
+
+def _nonfinite_report(name: str, inputs: Sequence[tuple[str, torch.Tensor]]) -> NonFiniteError:
+    parts = []
+    for label, tensor in inputs:
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        if nan or inf:
+            parts.append(f"{label} has {nan:,} NaN and {inf:,} Inf entries")
+    if not parts:
+        return NonFiniteError(
+            f"tensor {name!r}: |θi − θ0| overflows float32 (inputs near ±3.4e38); "
+            "such checkpoints cannot be compared"
+        )
+    return NonFiniteError(
+        f"tensor {name!r}: " + "; ".join(parts) + ". NaN/Inf would poison every merge; "
+        "repair or drop the checkpoint (this check stops at the first such tensor)"
+    )
+
+
+class DeltaStream:
+    """Callable that yields a fresh pass of :class:`DeltaChunk` over all tensors.
+
+    Args:
+        base: θ0.
+        tasks: θ1..θN, each with the same tensors as the base.
+        tensors: The tensors to stream, in order (global offsets follow this order).
+        cast: The recipe's ``dtype``: inputs are cast to it first, exactly as mergekit's
+            loader does, so the analysis sees the values the merge will see.
+        chunk_entries: Float32 scratch size per buffer, in entries.
+        progress: Show a progress bar.
+
+    """
+
+    def __init__(
+        self,
+        base: Checkpoint,
+        tasks: Sequence[Checkpoint],
+        tensors: Sequence[TensorInfo],
+        *,
+        cast: torch.dtype | None = None,
+        chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
+        progress: bool = True,
+    ):
+        self.base = base
+        self.tasks = list(tasks)
+        self.tensors = list(tensors)
+        self.cast = cast
+        self.progress = progress
+        self.offsets: list[int] = []
+        total = 0
+        for t in self.tensors:
+            self.offsets.append(total)
+            total += t.numel
+        self.total = total
+        self.chunk_entries = max(1, min(chunk_entries, max((t.numel for t in tensors), default=1)))
+        self.stats = UpdateStats(delta_sq=[0.0] * len(self.tasks), changed=[0] * len(self.tasks))
+        self._passes = 0
+
+    def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        x = ckpt.get(name)
+        if self.cast is not None and x.dtype != self.cast:
+            x = x.to(self.cast)
+        return x.reshape(-1)
+
+    def __call__(self, desc: str = "core regions") -> Iterator[DeltaChunk]:
+        """Stream one pass.
+
+        Args:
+            desc: Label of the progress bar.
+
+        Yields:
+            One :class:`DeltaChunk` per chunk; its buffers are reused by the next one.
+
+        Raises:
+            NonFiniteError: An input holds NaN or Inf (names the tensor and models).
+
+        """
+        first_pass = self._passes == 0
+        self._passes += 1
+        n = self.chunk_entries
+        base_buf = torch.empty(n, dtype=torch.float32)
+        delta_bufs = [torch.empty(n, dtype=torch.float32) for _ in self.tasks]
+        bar = tqdm(
+            total=self.total,
+            desc=desc,
+            unit="entry",
+            unit_scale=True,
+            disable=not self.progress,
+            leave=False,
+        )
+        try:
+            for index, (info, offset) in enumerate(zip(self.tensors, self.offsets, strict=True)):
+                base = self._load(self.base, info.name)
+                tasks = [self._load(t, info.name) for t in self.tasks]
+                for start in range(0, info.numel, n):
+                    stop = min(start + n, info.numel)
+                    m = stop - start
+                    b = base_buf[:m].copy_(base[start:stop])
+                    deltas = []
+                    for buf, task in zip(delta_bufs, tasks, strict=True):
+                        d = buf[:m].copy_(task[start:stop]).sub_(b).abs_()
+                        if not math.isfinite(float(d.max())):
+                            raise self._nonfinite(info.name, base, tasks)
+                        deltas.append(d)
+                    if first_pass:
+                        self._accumulate(b, deltas)
+                    yield DeltaChunk(index, offset + start, tuple(deltas))
+                    bar.update(m)
+                del base, tasks
+        finally:
+            bar.close()
+
+    def _accumulate(self, base: torch.Tensor, deltas: list[torch.Tensor]) -> None:
+        stats = self.stats
+        stats.base_sq += float(torch.dot(base, base))
+        for i, d in enumerate(deltas):
+            stats.delta_sq[i] += float(torch.dot(d, d))
+            stats.changed[i] += int(torch.count_nonzero(d))
+
+    def _nonfinite(
+        self, name: str, base: torch.Tensor, tasks: list[torch.Tensor]
+    ) -> NonFiniteError:
+        inputs = [(f"base_model {self.base.reference!r}", base)]
+        inputs += [(f"model {c.reference!r}", t) for c, t in zip(self.tasks, tasks, strict=True)]
+        return _nonfinite_report(name, inputs)

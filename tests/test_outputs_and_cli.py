@@ -1,0 +1,114 @@
+"""Plan file, pictures, output-folder safety, and the cpi-analyze command."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_recipe
+
+from cpi_merge.analysis import analyze
+from cpi_merge.cli.analyze import main
+from cpi_merge.errors import CpiError, OutputError
+from cpi_merge.plan import CorePlan
+
+
+@pytest.fixture
+def recipe(tiny_family, tmp_path):
+    base, tasks = tiny_family
+    return write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.02, tau=0.05)
+
+
+def test_plan_file_and_pictures(recipe, tmp_path):
+    out = tmp_path / "out"
+    plan = analyze(recipe, out, progress=False)
+    assert sorted(os.listdir(out)) == ["core_map.png", "cpi_plan.json", "jaccard.png"]
+    for png in ("core_map.png", "jaccard.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "cpi_plan.json").read_text())
+    assert data["schema_version"] == 1
+    for key in ("total_parameters", "core_fraction", "tau", "seed", "tasks", "jaccard", "groups"):
+        assert key in data
+    assert [t["model"] for t in data["tasks"]] == [
+        m["model"] for m in __import__("yaml").safe_load(recipe.read_text())["models"]
+    ]
+    assert CorePlan.load(out) == plan
+    assert sorted(sum(plan.groups, [])) == sorted(t.model for t in plan.tasks)
+
+
+def test_plan_rejects_unknown_schema_and_bad_bits(recipe, tmp_path):
+    plan = analyze(recipe, tmp_path / "o", progress=False, plots=False)
+    data = json.loads(plan.model_dump_json())
+    data["schema_version"] = 99
+    (tmp_path / "v.json").write_text(json.dumps(data))
+    with pytest.raises(CpiError, match="schema_version 99 is not supported"):
+        CorePlan.load(tmp_path / "v.json")
+    data["schema_version"] = 1
+    data["tasks"][0]["core_threshold_bits"] = "0x00000001"
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    with pytest.raises(CpiError, match="does not match its bit pattern"):
+        CorePlan.load(tmp_path / "b.json")
+
+
+def test_existing_output_needs_force(recipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    with pytest.raises(OutputError, match="--force"):
+        analyze(recipe, out, progress=False)
+    assert (out / "keep.txt").read_text() == "user file"
+    analyze(recipe, out, progress=False, force=True)
+    assert not (out / "keep.txt").exists() and (out / "cpi_plan.json").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".out")] == []
+
+
+def test_output_inside_an_input_is_refused(recipe, tiny_family):
+    base, _ = tiny_family
+    with pytest.raises(OutputError, match="overlaps the input folder"):
+        analyze(recipe, base / "analysis", progress=False)
+
+
+def test_failure_leaves_no_output(recipe, tmp_path, monkeypatch):
+    import cpi_merge.plots as plots
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "write_plots", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        analyze(recipe, out, progress=False)
+    assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if "partial" in p] == []
+
+
+def test_cli_summary_and_files(recipe, tmp_path):
+    out = tmp_path / "cli_out"
+    result = CliRunner().invoke(
+        main, [str(recipe), "--out", str(out), "--order", "given", "--seed", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "threshold t_i" in result.output and "Jaccard similarity" in result.output
+    assert "stage 1: task_0, task_1" in result.output
+    data = json.loads((out / "cpi_plan.json").read_text())
+    assert data["order"] == "given" and data["seed"] == 3
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: cpi\nbase_model: x\nmodels: []\nparameters: {tau: 2}\n")
+    result = CliRunner().invoke(main, [str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "parameters.tau" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_memory_budget_forces_histogram(recipe, tmp_path):
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        main, [str(recipe), "--out", str(out), "--memory-budget", "1K", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "cpi_plan.json").read_text())["strategy"] == "histogram"
