@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
-from mergekit.common import dtype_from_name
+import numpy
 
 from cpi_merge.checkpoints import Checkpoint, TensorInfo, check_compatible, open_checkpoint
 from cpi_merge.core_select import (
@@ -29,7 +29,7 @@ from cpi_merge.errors import CheckpointError, RecipeError
 from cpi_merge.grouping import StageOrder, group_tasks, jaccard_matrix, order_stages
 from cpi_merge.output_dir import check_output_location, staged_output
 from cpi_merge.plan import PLAN_FILE, CorePlan, TaskCore, TensorRecord, threshold_record
-from cpi_merge.recipe import CpiRecipe, load_recipe
+from cpi_merge.recipe import CpiRecipe, load_recipe, torch_dtype
 
 LOG = logging.getLogger(__name__)
 Strategy = Literal["auto", "buffer", "histogram"]
@@ -140,6 +140,10 @@ def _package_version() -> str:
         return "cpi-merge (source tree)"
 
 
+def _tensor_record(info: TensorInfo) -> TensorRecord:
+    return TensorRecord(name=info.name, shape=list(info.shape), numel=info.numel)
+
+
 def build_plan(
     opened: OpenedModels,
     selection: CoreSelection,
@@ -166,7 +170,6 @@ def build_plan(
                 core_threshold=value,
                 core_threshold_bits=bits,
                 core_count=int(selection.intersections[i][i]),
-                changed_entries=stream.stats.changed[i],
                 relative_update_norm=norms[i],
                 per_tensor={n: int(c) for n, c in zip(names, selection.counts[i], strict=True)},
             )
@@ -189,6 +192,92 @@ def build_plan(
         intersections=selection.intersections.tolist(),
         jaccard=jaccard.tolist(),
         groups=[[refs[i] for i in g] for g in groups],
+    )
+
+
+def run_analysis(
+    opened: OpenedModels,
+    *,
+    seed: int = 0,
+    order: StageOrder = "random",
+    strategy: Strategy = "auto",
+    memory_budget: int | None = None,
+    progress: bool = True,
+    chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
+) -> CorePlan:
+    """Stream the opened models and compute the exact plan (see :func:`analyze`)."""
+    if order not in ("random", "given"):
+        raise RecipeError(f"order {order!r} is not one of 'random', 'given'")
+    if strategy not in ("auto", "buffer", "histogram"):
+        raise RecipeError(f"strategy {strategy!r} is not one of 'auto', 'buffer', 'histogram'")
+    recipe = opened.recipe
+    stream = DeltaStream(
+        opened.base,
+        opened.tasks,
+        opened.tensors,
+        cast=torch_dtype(recipe.dtype),
+        chunk_entries=chunk_entries,
+        progress=progress,
+    )
+    k = core_size(recipe.parameters.core_fraction, stream.total)
+    labels = [c.reference for c in opened.tasks]
+    chosen = choose_strategy(
+        strategy,
+        n_tasks=len(labels),
+        k=k,
+        memory_budget=memory_budget if memory_budget is not None else default_memory_budget(),
+    )
+    if chosen == "buffer":
+        selection = select_cores_buffer(
+            stream("core regions"),
+            k=k,
+            tensor_offsets=stream.offsets,
+            labels=labels,
+            total=stream.total,
+        )
+    else:
+        passes = iter(["pass 1/3: histogram", "pass 2/3: threshold", "pass 3/3: overlaps"])
+        selection = select_cores_histogram(
+            lambda: stream(next(passes)),
+            k=k,
+            n_tensors=len(opened.tensors),
+            labels=labels,
+            total=stream.total,
+        )
+    return build_plan(opened, selection, stream, k=k, seed=seed, order=order, strategy=chosen)
+
+
+def plan_from_thresholds(opened: OpenedModels, thresholds: list[float]) -> CorePlan:
+    """A plan for thresholds given in the recipe: no pass over the data, so no overlaps.
+
+    Args:
+        opened: The opened models.
+        thresholds: ``t_i`` per task, in recipe order.
+
+    """
+    recipe = opened.recipe
+    total = sum(t.numel for t in opened.tensors)
+    tasks = []
+    for entry, t in zip(recipe.tasks, thresholds, strict=True):
+        value, bits = threshold_record(float(numpy.float32(t)))
+        tasks.append(TaskCore(model=entry.model, core_threshold=value, core_threshold_bits=bits))
+    return CorePlan(
+        source="recipe",
+        created_by=_package_version(),
+        base_model=recipe.base_model,
+        dtype=recipe.dtype,
+        total_parameters=total,
+        k=core_size(recipe.parameters.core_fraction, total),
+        core_fraction=recipe.parameters.core_fraction,
+        tau=recipe.parameters.tau,
+        seed=None,
+        order=None,
+        strategy=None,
+        tensors=[_tensor_record(t) for t in opened.tensors],
+        tasks=tasks,
+        intersections=None,
+        jaccard=None,
+        groups=None,
     )
 
 
@@ -233,50 +322,38 @@ def analyze(
     """
     if not isinstance(recipe, CpiRecipe):
         recipe = load_recipe(recipe)
-    if order not in ("random", "given"):
-        raise RecipeError(f"order {order!r} is not one of 'random', 'given'")
-    if strategy not in ("auto", "buffer", "histogram"):
-        raise RecipeError(f"strategy {strategy!r} is not one of 'auto', 'buffer', 'histogram'")
     opened = open_models(recipe, allow_pickle=allow_pickle)
     if out_dir is not None:
         check_output_location(out_dir, force=force, inputs=opened.local_folders)
-    stream = DeltaStream(
-        opened.base,
-        opened.tasks,
-        opened.tensors,
-        cast=dtype_from_name(recipe.dtype),
-        chunk_entries=chunk_entries,
+    plan = run_analysis(
+        opened,
+        seed=seed,
+        order=order,
+        strategy=strategy,
+        memory_budget=memory_budget,
         progress=progress,
+        chunk_entries=chunk_entries,
     )
-    k = core_size(recipe.parameters.core_fraction, stream.total)
-    labels = [c.reference for c in opened.tasks]
-    chosen = choose_strategy(
-        strategy,
-        n_tasks=len(labels),
-        k=k,
-        memory_budget=memory_budget if memory_budget is not None else default_memory_budget(),
-    )
-    if chosen == "buffer":
-        selection = select_cores_buffer(
-            stream("core regions"),
-            k=k,
-            tensor_offsets=stream.offsets,
-            labels=labels,
-            total=stream.total,
-        )
-    else:
-        passes = iter(["pass 1/3: histogram", "pass 2/3: threshold", "pass 3/3: overlaps"])
-        selection = select_cores_histogram(
-            lambda: stream(next(passes)),
-            k=k,
-            n_tensors=len(opened.tensors),
-            labels=labels,
-            total=stream.total,
-        )
-    plan = build_plan(opened, selection, stream, k=k, seed=seed, order=order, strategy=chosen)
     if out_dir is not None:
         write_outputs(plan, out_dir, force=force, plots=plots, inputs=opened.local_folders)
     return plan
+
+
+def write_plan_files(plan: CorePlan, folder: str | os.PathLike, *, plots: bool = True) -> list[str]:
+    """Write ``cpi_plan.json`` (and the pictures, for analysed plans) into ``folder``.
+
+    Returns:
+        The file names written.
+
+    """
+    folder = Path(folder)
+    plan.save(folder / PLAN_FILE)
+    written = [PLAN_FILE]
+    if plots and plan.analysed:
+        from cpi_merge.plots import write_plots
+
+        written += [p.name for p in write_plots(plan, folder)]
+    return written
 
 
 def write_outputs(
@@ -287,16 +364,12 @@ def write_outputs(
     plots: bool = True,
     inputs: list[str] | None = None,
 ) -> Path:
-    """Write ``cpi_plan.json`` and the pictures into ``out_dir`` atomically.
+    """Write the plan files into ``out_dir`` atomically (see :mod:`cpi_merge.output_dir`).
 
     Returns:
         The output folder.
 
     """
     with staged_output(out_dir, force=force, inputs=inputs or []) as tmp:
-        plan.save(tmp / PLAN_FILE)
-        if plots:
-            from cpi_merge.plots import write_plots
-
-            write_plots(plan, tmp)
+        write_plan_files(plan, tmp, plots=plots)
     return Path(out_dir)

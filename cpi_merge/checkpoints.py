@@ -36,6 +36,7 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 _HF_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_VOCAB = re.compile(r"embed|lm_head|wte|output\.weight$|word_embeddings")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -304,10 +305,19 @@ def check_compatible(base: Checkpoint, others: Sequence[tuple[str, Checkpoint]])
             hint = " (tied vs untied embeddings?)" if any("lm_head" in n for n in extra) else ""
             problems.append(f"{where} has {len(extra)} tensor(s) the base lacks{hint}: {extra[:5]}")
         for name in sorted(set(expected) & set(found)):
-            if expected[name] != found[name]:
+            want, got = expected[name], found[name]
+            if want == got:
+                continue
+            if _VOCAB.search(name) and want[1:] == got[1:] and len(want) == 2:
                 problems.append(
-                    f"{where}: tensor {name!r} has shape {list(found[name])}, "
-                    f"base has {list(expected[name])}"
+                    f"{where}: vocabulary size differs in {name!r}: {got[0]:,} rows, base has "
+                    f"{want[0]:,}. Cores compare entries one to one, so every model must use "
+                    "the base's vocabulary: align them first (e.g. mergekit-tokensurgeon) "
+                    "or drop the added tokens"
+                )
+            else:
+                problems.append(
+                    f"{where}: tensor {name!r} has shape {list(got)}, base has {list(want)}"
                 )
     if problems:
         raise CheckpointError(

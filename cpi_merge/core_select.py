@@ -83,10 +83,41 @@ def float32_bits(value: float) -> int:
     return struct.unpack("<I", struct.pack("<f", value))[0]
 
 
+def _high_keys(values: torch.Tensor) -> torch.Tensor:
+    # Non-negative float32 values order exactly like their bit patterns.
+    return values.view(torch.int32) >> _LOW_BITS
+
+
+def _top_bucket(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """Return (bucket holding the rank-th largest entry, entries in higher buckets)."""
+    from_top = torch.flip(hist, dims=[0]).cumsum(0)
+    pos = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype)))
+    bucket = hist.numel() - 1 - pos
+    above = int(from_top[pos - 1]) if pos > 0 else 0
+    return bucket, above
+
+
+def _bucket_floor(bucket: int) -> float:
+    """The smallest float32 value whose high key is ``bucket``."""
+    return float32_from_bits(bucket << _LOW_BITS)
+
+
 def kth_largest(values: torch.Tensor, k: int) -> float:
-    """Return the exact k-th largest entry of a 1-D tensor (1 <= k <= len)."""
-    n = values.numel()
-    return float(torch.kthvalue(values, n - k + 1).values)
+    """Return the exact k-th largest entry of a 1-D non-negative float32 tensor.
+
+    A two-level radix select on the bit patterns (two ``bincount`` passes), several
+    times faster than ``torch.kthvalue`` and without its copy of the input.
+
+    Args:
+        values: Finite, non-negative float32 values.
+        k: Rank from the top, ``1 <= k <= len(values)``.
+
+    """
+    keys = _high_keys(values)
+    bucket, above = _top_bucket(torch.bincount(keys, minlength=_HIGH_BUCKETS), k)
+    low = values.view(torch.int32)[keys == bucket] & (_LOW_BUCKETS - 1)
+    low_bits, _ = _top_bucket(torch.bincount(low, minlength=_LOW_BUCKETS), k - above)
+    return float32_from_bits((bucket << _LOW_BITS) | low_bits)
 
 
 def _degenerate(label: str, changed: int, k: int, total: int) -> DegenerateTaskError:
@@ -124,10 +155,13 @@ class _TopKBuffer:
     def _prune(self) -> None:
         values, indices = self._concat()
         if values.numel() > self.k:
-            cut = kth_largest(values, self.k)
-            keep = values >= cut
-            values, indices = values[keep], indices[keep]
-            self.cut = cut
+            # Raise the cut to the floor of the bucket holding the k-th largest value: a
+            # lower bound of the final threshold, found with one bincount (no sort).
+            keys = _high_keys(values)
+            bucket, _ = _top_bucket(torch.bincount(keys, minlength=_HIGH_BUCKETS), self.k)
+            keep = (keys >= bucket).nonzero().squeeze(1)
+            values, indices = values.index_select(0, keep), indices.index_select(0, keep)
+            self.cut = max(self.cut, _bucket_floor(bucket))
         self.values, self.indices, self.size = [values], [indices], values.numel()
         # Heavy ties at the cut can keep the buffer above 2k: grow the limit, don't thrash.
         self.prune_at = max(2 * self.k, 2 * self.size)
@@ -214,15 +248,6 @@ def select_cores_buffer(
     return CoreSelection(tuple(thresholds), counts, intersections)
 
 
-def _top_bucket(hist: torch.Tensor, rank: int) -> tuple[int, int]:
-    """Return (bucket holding the rank-th largest entry, entries in higher buckets)."""
-    from_top = torch.flip(hist, dims=[0]).cumsum(0)
-    pos = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype)))
-    bucket = hist.numel() - 1 - pos
-    above = int(from_top[pos - 1]) if pos > 0 else 0
-    return bucket, above
-
-
 def select_cores_histogram(
     open_stream: Callable[[], Iterable[DeltaChunk]],
     *,
@@ -252,8 +277,7 @@ def select_cores_histogram(
     positive = [0] * n
     for chunk in open_stream():
         for i, delta in enumerate(chunk.deltas):
-            keys = delta.view(torch.int32) >> _LOW_BITS
-            high[i] += torch.bincount(keys, minlength=_HIGH_BUCKETS)
+            high[i] += torch.bincount(_high_keys(delta), minlength=_HIGH_BUCKETS)
             positive[i] += int(torch.count_nonzero(delta))
     for i in range(n):
         if positive[i] < k:
@@ -269,8 +293,7 @@ def select_cores_histogram(
     low = [torch.zeros(_LOW_BUCKETS, dtype=torch.int64) for _ in range(n)]
     for chunk in open_stream():
         for i, delta in enumerate(chunk.deltas):
-            bits = delta.view(torch.int32)
-            inside = bits[(bits >> _LOW_BITS) == buckets[i]] & (_LOW_BUCKETS - 1)
+            inside = delta.view(torch.int32)[_high_keys(delta) == buckets[i]] & (_LOW_BUCKETS - 1)
             if inside.numel():
                 low[i] += torch.bincount(inside, minlength=_LOW_BUCKETS)
     thresholds = []

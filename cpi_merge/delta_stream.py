@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +28,6 @@ class UpdateStats:
 
     delta_sq: list[float]
     base_sq: float = 0.0
-    changed: list[int] = field(default_factory=list)
 
     def relative_norms(self) -> list[float]:
         """‖θi − θ0‖ / ‖θ0‖ per task."""
@@ -90,7 +89,7 @@ class DeltaStream:
             total += t.numel
         self.total = total
         self.chunk_entries = max(1, min(chunk_entries, max((t.numel for t in tensors), default=1)))
-        self.stats = UpdateStats(delta_sq=[0.0] * len(self.tasks), changed=[0] * len(self.tasks))
+        self.stats = UpdateStats(delta_sq=[0.0] * len(self.tasks))
         self._passes = 0
 
     def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
@@ -152,7 +151,6 @@ class DeltaStream:
         stats.base_sq += float(torch.dot(base, base))
         for i, d in enumerate(deltas):
             stats.delta_sq[i] += float(torch.dot(d, d))
-            stats.changed[i] += int(torch.count_nonzero(d))
 
     def _nonfinite(
         self, name: str, base: torch.Tensor, tasks: list[torch.Tensor]

@@ -43,14 +43,12 @@ class TaskCore(_Record):
     """t_i: the exact k-th largest |θi − θ0| (a float32 value)."""
     core_threshold_bits: str
     """t_i's float32 bit pattern, ``0x…``."""
-    core_count: int
-    """Entries with |θi − θ0| >= t_i (k, or more with ties at t_i)."""
-    changed_entries: int | None = None
-    """Entries with θi != θ0."""
+    core_count: int | None = None
+    """Entries with |θi − θ0| >= t_i (k, or more with ties at t_i); None if not analysed."""
     relative_update_norm: float | None = None
     """‖θi − θ0‖ / ‖θ0‖ over the analysed tensors."""
-    per_tensor: dict[str, int]
-    """Core entries per tensor name."""
+    per_tensor: dict[str, int] | None = None
+    """Core entries per tensor name; None if not analysed."""
 
     @model_validator(mode="after")
     def _bits_match(self) -> TaskCore:
@@ -66,6 +64,9 @@ class CorePlan(_Record):
     """The result of ``cpi-analyze``: cores, their overlaps, groups and stage order."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
+    source: Literal["analysis", "recipe"] = "analysis"
+    """``analysis``: computed by cpi-analyze; ``recipe``: thresholds given in the recipe, so
+    counts, overlaps and groups were not computed (those fields are null)."""
     created_by: str
     base_model: str
     dtype: str | None
@@ -75,16 +76,21 @@ class CorePlan(_Record):
     """floor(core_fraction × D)."""
     core_fraction: float
     tau: float
-    seed: int
-    order: StageOrder
-    strategy: Literal["buffer", "histogram"]
+    seed: int | None
+    order: StageOrder | None
+    strategy: Literal["buffer", "histogram"] | None
     tensors: list[TensorRecord]
     tasks: list[TaskCore]
-    intersections: list[list[int]]
+    intersections: list[list[int]] | None
     """``|Ci ∩ Cj|``, N × N; the diagonal is ``core_count``."""
-    jaccard: list[list[float]]
-    groups: list[list[str]]
+    jaccard: list[list[float]] | None
+    groups: list[list[str]] | None
     """Task ``model`` references per group, groups in stage order."""
+
+    @property
+    def analysed(self) -> bool:
+        """Whether counts, overlaps and groups were computed."""
+        return self.source == "analysis"
 
     @property
     def thresholds(self) -> dict[str, float]:

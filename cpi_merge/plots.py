@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -13,14 +12,10 @@ import numpy as np  # noqa: E402
 
 from cpi_merge.core_map import DensityTable, density_by_layer, density_by_module  # noqa: E402
 from cpi_merge.plan import CorePlan  # noqa: E402
+from cpi_merge.summary import task_label  # noqa: E402
 
 JACCARD_PNG = "jaccard.png"
 CORE_MAP_PNG = "core_map.png"
-
-
-def task_label(reference: str) -> str:
-    """A short display name for a model reference (its last path component)."""
-    return os.path.basename(reference.rstrip("/")) or reference
 
 
 def plot_jaccard(plan: CorePlan, path: str | Path) -> None:

@@ -127,6 +127,13 @@ class CpiRecipe(_Strict):
         return self.models[-1]
 
 
+def torch_dtype(name: str | None):
+    """The torch dtype of a recipe ``dtype`` name (None stays None)."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
 def _describe(error: dict[str, Any], allowed: dict[str, list[str]]) -> str:
     where = ".".join(str(p) for p in error["loc"]) or "recipe"
     if error["type"] == "extra_forbidden":

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from cpi_merge.plan import CorePlan
-from cpi_merge.plots import task_label
+
+
+def task_label(reference: str) -> str:
+    """A short display name for a model reference (its last path component)."""
+    return os.path.basename(reference.rstrip("/")) or reference
 
 
 def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
@@ -32,25 +38,24 @@ def format_summary(plan: CorePlan) -> str:
     lines = [
         f"CPI analysis of {len(plan.tasks)} task(s) against base {plan.base_model!r}",
         f"  D = {plan.total_parameters:,} entries, core_fraction p = {plan.core_fraction:g} "
-        f"(k = {plan.k:,}), tau = {plan.tau:g}, strategy = {plan.strategy}",
+        f"(k = {plan.k:,}), tau = {plan.tau:g}"
+        + (f", strategy = {plan.strategy}" if plan.strategy else ""),
         "",
     ]
     rows = []
     for i, t in enumerate(plan.tasks, 1):
         rel = "-" if t.relative_update_norm is None else f"{t.relative_update_norm:.3e}"
-        rows.append(
-            [
-                str(i),
-                t.model,
-                f"{t.core_threshold:.6e}",
-                f"{t.core_count:,}",
-                f"{100 * t.core_count / plan.total_parameters:.3f}%",
-                rel,
-            ]
+        count = "-" if t.core_count is None else f"{t.core_count:,}"
+        share = (
+            "-" if t.core_count is None else f"{100 * t.core_count / plan.total_parameters:.3f}%"
         )
+        rows.append([str(i), t.model, f"{t.core_threshold:.6e}", count, share, rel])
     lines += _table(
         ["#", "task", "threshold t_i", "core entries", "core %", "|Δ|/|θ0|"], rows, {0, 2, 3, 4, 5}
     )
+    if not plan.analysed:
+        lines += ["", "Thresholds were given in the recipe: overlaps and groups not computed."]
+        return "\n".join(lines)
     lines += ["", "Jaccard similarity of cores:"]
     n = len(plan.tasks)
     jac_rows = [[str(i + 1)] + [f"{plan.jaccard[i][j]:.4f}" for j in range(n)] for i in range(n)]

@@ -156,3 +156,24 @@ def test_float32_bits_round_trip():
     for value in [0.0, 1.0, 1e-45, 3.4028234663852886e38, 0.1]:
         f32 = float(np.float32(value))
         assert float32_from_bits(float32_bits(f32)) == f32
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(0, 3.3999999521443642e38, width=32, allow_subnormal=False),
+            st.sampled_from([0.0, 1.0, 0.5, 1e-45]),
+        ),
+        min_size=1,
+        max_size=200,
+    ),
+    st.data(),
+)
+def test_kth_largest_equals_kthvalue(values, data):
+    from cpi_merge.core_select import kth_largest
+
+    t = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, len(values)))
+    expected = float(torch.kthvalue(t, len(values) - k + 1).values)
+    assert kth_largest(t, k) == expected

@@ -69,7 +69,6 @@ def main(
     """
     setup_logging(verbose, quiet)
     from cpi_merge.analysis import analyze
-    from cpi_merge.plots import CORE_MAP_PNG, JACCARD_PNG
     from cpi_merge.summary import format_summary
 
     plan = analyze(
@@ -86,7 +85,7 @@ def main(
     )
     if not quiet:
         click.echo(format_summary(plan))
-        written = ["cpi_plan.json"] + ([] if no_plots else [JACCARD_PNG, CORE_MAP_PNG])
+        written = ["cpi_plan.json"] + ([] if no_plots else ["jaccard.png", "core_map.png"])
         click.echo(f"\nWrote {', '.join(f'{out_dir}/{w}' for w in written)}")
 
 

@@ -1,0 +1,87 @@
+"""``cpi-merge``: analysis + mergekit merge with the ``cpi`` method, every mergekit option kept."""
+
+from __future__ import annotations
+
+import click
+from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+
+from cpi_merge.cli.common import parse_size, report_errors, setup_logging
+
+
+@click.command("cpi-merge", cls=PrettyPrintHelp)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT_PATH.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random stage order.")
+@click.option(
+    "--order",
+    type=click.Choice(["random", "given"]),
+    default="random",
+    show_default=True,
+    help="Stage order recorded in the plan.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "buffer", "histogram"]),
+    default="auto",
+    show_default=True,
+    help="Analysis strategy (see cpi-analyze --help).",
+)
+@click.option(
+    "--memory-budget",
+    default=None,
+    metavar="SIZE",
+    help="Memory the analysis buffer may use, e.g. 8G (default: 40% of RAM).",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Accept pytorch_model.bin checkpoints (pickle can run code).",
+)
+@click.option(
+    "--no-checksums", is_flag=True, help="Skip SHA-256 of inputs and outputs in cpi_manifest.json."
+)
+@add_merge_options
+@report_errors
+def main(
+    merge_options: MergeOptions,
+    recipe,
+    out_path,
+    force,
+    seed,
+    order,
+    strategy,
+    memory_budget,
+    allow_pickle,
+    no_checksums,
+):
+    """Merge the models of RECIPE (a `merge_method: cpi` recipe) into OUT_PATH.
+
+    Runs the core analysis unless every task has a core_threshold, then mergekit's own
+    merge with the cpi method: core entries are copied from their task, the rest is
+    SLERP-fused. OUT_PATH is a Hugging Face model folder plus cpi_plan.json.
+    """
+    setup_logging(merge_options.verbosity, merge_options.quiet)
+    merge_options.apply_global_options()
+    from cpi_merge.merge import merge
+    from cpi_merge.summary import format_summary
+
+    result = merge(
+        recipe,
+        out_path,
+        options=merge_options,
+        force=force,
+        seed=seed,
+        order=order,
+        strategy=strategy,
+        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        allow_pickle=allow_pickle,
+        checksums=not no_checksums,
+    )
+    if not merge_options.quiet:
+        click.echo(format_summary(result.plan))
+        click.echo(f"\nWrote the merged model to {result.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The fusion maths on one tensor, against an independent numpy float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpi_merge.fusion import core_owner, fuse_tensor, slerp
+
+EPS = math.acos(0.9995)
+
+
+def ref_slerp(x, y, w, eps):
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    if nx == 0 or ny == 0:
+        return (1 - w) * x + w * y
+    c = np.clip(np.dot(x, y) / (nx * ny), -1, 1)
+    th = np.arccos(c)
+    if th < eps or np.pi - th < eps:
+        return (1 - w) * x + w * y
+    return (np.sin((1 - w) * th) * x + np.sin(w * th) * y) / np.sin(th)
+
+
+def ref_fuse(theta0, models, thresholds, omegas, fb, eps):
+    """Entry by entry for the core, float64 for the fold."""
+    t0 = theta0.float().numpy().reshape(-1)
+    ms = [m.float().numpy().reshape(-1) for m in models]
+    n = t0.size
+    owner = np.full(n, -1)
+    for j in range(n):
+        best = None
+        for i, (m, t) in enumerate(zip(ms, thresholds)):
+            if t is None:
+                continue
+            d = np.float32(abs(np.float32(m[j]) - np.float32(t0[j])))
+            if d >= t and (best is None or d > best):
+                best, owner[j] = d, i
+    out = ms[fb].astype(np.float64).copy()
+    for j in range(n):
+        if owner[j] >= 0:
+            out[j] = ms[owner[j]][j]
+    rest = owner < 0
+    x = ms[fb][rest].astype(np.float64)
+    for i, m in enumerate(ms):
+        if i != fb:
+            x = ref_slerp(x, m[rest].astype(np.float64), omegas[i], eps)
+    out[rest] = x
+    return owner.reshape(theta0.shape), out.reshape(theta0.shape)
+
+
+def check(theta0, models, thresholds, omegas, fb, dtype):
+    before = [theta0.clone()] + [m.clone() for m in models]
+    got = fuse_tensor(
+        theta0, models, thresholds=thresholds, omegas=omegas, fusion_base=fb, epsilon=EPS
+    )
+    owner, ref = ref_fuse(theta0, models, thresholds, omegas, fb, EPS)
+    assert got.dtype == models[fb].dtype and got.shape == theta0.shape
+    assert torch.equal(
+        core_owner(theta0, models, thresholds), torch.from_numpy(owner).to(torch.int16)
+    )
+    core = torch.from_numpy(owner >= 0)
+    for i, m in enumerate(models):  # core entries: bit-exact copies of their task
+        mine = torch.from_numpy(owner == i)
+        assert torch.equal(
+            got[mine].view(torch.int16 if m.element_size() == 2 else torch.int32),
+            m[mine].view(torch.int16 if m.element_size() == 2 else torch.int32),
+        )
+    rest = ~core
+    eps = torch.finfo(dtype).eps
+    r = torch.from_numpy(ref)[rest]
+    rms = float(r.pow(2).mean().sqrt()) if r.numel() else 0.0
+    diff = (got[rest].double() - r).abs()
+    assert torch.all(diff <= 4 * eps * (r.abs() + rms) + 1e-30), float(diff.max())
+    assert torch.isfinite(got.float()).all()
+    for a, b in zip(before, [theta0, *models]):  # inputs are borrowed, never modified
+        assert torch.equal(a, b)
+
+
+@st.composite
+def cases(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    shape = draw(st.sampled_from([(7,), (3, 5), (2, 3, 4), (1,)]))
+    n_models = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    theta0 = torch.randn(shape, generator=g).to(dtype)
+    models = []
+    for _ in range(n_models):
+        step = draw(st.sampled_from([0.01, 0.3]))
+        m = (theta0.float() + step * torch.randn(shape, generator=g)).to(dtype)
+        if draw(st.booleans()):  # force ties between tasks
+            m = models[0].clone() if models else m
+        models.append(m)
+    thresholds = []
+    for m in models:
+        if draw(st.integers(0, 4)) == 0:
+            thresholds.append(None)  # not a task
+        else:
+            d = (m.float() - theta0.float()).abs().reshape(-1)
+            pos = d[d > 0]
+            thresholds.append(float(pos[draw(st.integers(0, len(pos) - 1))]) if len(pos) else 1.0)
+    omegas = [draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])) for _ in models]
+    fb = draw(st.integers(0, n_models - 1))
+    return theta0, models, thresholds, omegas, fb, dtype
+
+
+@settings(max_examples=120, deadline=None)
+@given(cases())
+def test_fusion_matches_reference(case):
+    check(*case)
+
+
+def test_largest_delta_wins_ties_to_first():
+    theta0 = torch.zeros(4)
+    a = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    b = torch.tensor([-2.0, 2.0, 1.0, 0.5])
+    owner = core_owner(theta0, [a, b], [1.0, 0.5])
+    assert owner.tolist() == [1, 0, 0, 1]
+    out = fuse_tensor(
+        theta0, [a, b], thresholds=[1.0, 0.5], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS
+    )
+    assert out.tolist() == [-2.0, 2.0, 3.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    "x, y",
+    [
+        ([0.0, 0.0, 0.0], [1.0, 2.0, 3.0]),  # zero norm
+        ([0.0, 0.0], [0.0, 0.0]),  # both zero
+        ([1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]),  # anti-parallel
+        ([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]),  # colinear
+        ([1e-30, 0.0], [0.0, 1e-30]),  # tiny
+    ],
+)
+def test_slerp_degenerate_cases_are_linear_and_finite(x, y):
+    x, y = torch.tensor(x), torch.tensor(y)
+    for w in (0.0, 0.3, 1.0):
+        got = slerp(x, y, w, EPS)
+        assert torch.isfinite(got).all()
+        if torch.linalg.norm(x) == 0 or torch.linalg.norm(y) == 0 or x[0] * y[0] != 0:
+            assert torch.allclose(got, (1 - w) * x + w * y)
+
+
+def test_slerp_endpoints_and_norm():
+    x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(slerp(x, y, 0.0, EPS), x)
+    assert torch.allclose(slerp(x, y, 1.0, EPS), y)
+    mid = slerp(x, y, 0.5, EPS)
+    assert torch.allclose(mid, torch.tensor([0.5**0.5, 0.5**0.5]))
+
+
+def test_every_entry_core_leaves_nothing_to_fold():
+    theta0 = torch.zeros(3)
+    a = torch.tensor([1.0, 1.0, 1.0])
+    out = fuse_tensor(
+        theta0,
+        [a, torch.zeros(3) + 0.5],
+        thresholds=[0.5, None],
+        omegas=[0.5, 0.5],
+        fusion_base=1,
+        epsilon=EPS,
+    )
+    assert out.tolist() == [1.0, 1.0, 1.0]
