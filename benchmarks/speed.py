@@ -1,12 +1,16 @@
-"""Speed and peak memory of cpi-analyze against baselines measured in the same run.
+"""Speed and peak memory of cpi-analyze and cpi-merge against baselines in the same run.
 
 Makes a synthetic Llama-shaped family on the fly (base + N fine-tunes, bf16, sharded),
 then times each command as a separate process (peak RSS from ``wait4``), interleaved
 over ``--repeat`` rounds after a warm-up read so that every command sees a warm page
 cache. Prints medians and ratios against:
 
-  (a) a plain Python read of every tensor of the same files (safetensors ``get_tensor``),
-  (b) ``mergekit-yaml`` with ``task_arithmetic`` on the same checkpoints.
+  (a) a plain Python read of every tensor of the same files (safetensors, copied out),
+  (b) ``mergekit-yaml`` with ``task_arithmetic`` on the same checkpoints,
+
+and also times mergekit ``ties`` (density 0.01, once: it is slow) and ``slerp``
+(base + 1 task). ``cpi-merge (merge only)`` runs with every ``core_threshold`` given in
+the recipe, so it skips the analysis.
 
 Usage:
     python benchmarks/speed.py                    # ~0.47B parameters per model (default)
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from cpi_merge.synthetic import BENCH_SHAPE, TaskSpec, make_family
 
@@ -62,18 +67,56 @@ def run_measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
 
 
 def write_recipes(work: Path, base: Path, tasks: list[Path], core_fraction: float) -> dict:
-    models = "".join(f"  - model: {t}\n" for t in tasks)
-    cpi = work / "cpi.yml"
-    cpi.write_text(
-        f"merge_method: cpi\nbase_model: {base}\nmodels:\n{models}"
-        f"parameters:\n  core_fraction: {core_fraction}\n  tau: 0.1\ndtype: bfloat16\n"
-    )
-    ta_models = "".join(f"  - model: {t}\n    parameters: {{weight: 1.0}}\n" for t in tasks)
-    ta = work / "task_arithmetic.yml"
-    ta.write_text(
-        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n{ta_models}dtype: bfloat16\n"
-    )
-    return {"cpi": cpi, "task_arithmetic": ta}
+    """Write every recipe the benchmark runs; return {name: path}."""
+    cpi = {
+        "merge_method": "cpi",
+        "base_model": str(base),
+        "models": [{"model": str(t)} for t in tasks],
+        "parameters": {"core_fraction": core_fraction, "tau": 0.1},
+        "dtype": "bfloat16",
+    }
+    weighted = [{"model": str(t), "parameters": {"weight": 1.0}} for t in tasks]
+    recipes = {
+        "cpi": cpi,
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "models": weighted,
+            "dtype": "bfloat16",
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "dtype": "bfloat16",
+            "models": [
+                {"model": str(t), "parameters": {"weight": 1.0, "density": 0.01}} for t in tasks
+            ],
+        },
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "dtype": "bfloat16",
+            "models": [{"model": str(base)}, {"model": str(tasks[0])}],
+            "parameters": {"t": 0.5},
+        },
+    }
+    paths = {}
+    for name, doc in recipes.items():
+        paths[name] = work / f"{name}.yml"
+        paths[name].write_text(yaml.safe_dump(doc, sort_keys=False))
+    return paths
+
+
+def write_given_thresholds(recipe: Path, plan_file: Path, out: Path) -> Path:
+    """A copy of the cpi recipe with every task's core_threshold taken from a plan."""
+    doc = yaml.safe_load(recipe.read_text())
+    thresholds = {
+        t["model"]: t["core_threshold"] for t in json.loads(plan_file.read_text())["tasks"]
+    }
+    for m in doc["models"]:
+        m["parameters"] = {"core_threshold": thresholds[m["model"]]}
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
 
 
 def main() -> None:
@@ -84,6 +127,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("bench_workdir"))
     parser.add_argument("--json", type=Path, help="Also write the results here as JSON.")
+    parser.add_argument(
+        "--only", help="Comma-separated substrings: time only matching commands (baselines kept)."
+    )
     args = parser.parse_args()
 
     shape = dataclasses.replace(BENCH_SHAPE, layers=args.layers)
@@ -106,38 +152,53 @@ def main() -> None:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    commands = {
-        "plain read": lambda: [sys.executable, "-c", READ_ALL, str(base), *map(str, tasks)],
-        "mergekit task_arithmetic": lambda: [
+    def mergekit(name: str) -> list[str]:
+        return [
             str(BIN / "mergekit-yaml"),
-            str(recipes["task_arithmetic"]),
-            str(fresh(out / "ta")),
+            str(recipes[name]),
+            str(fresh(out / name)),
             "--no-copy-tokenizer",
             "--quiet",
-        ],
-        "cpi-analyze (buffer)": lambda: [
+        ]
+
+    def cpi(*extra: str, recipe: Path = recipes["cpi"], folder: str = "cpi") -> list[str]:
+        return [str(BIN / "cpi-merge"), str(recipe), str(fresh(out / folder)), "--quiet", *extra]
+
+    def analyze(strategy: str) -> list[str]:
+        return [
             str(BIN / "cpi-analyze"),
             str(recipes["cpi"]),
             "--out",
-            str(fresh(out / "buf")),
+            str(fresh(out / f"analysis_{strategy}")),
             "--strategy",
-            "buffer",
+            strategy,
             "-q",
-        ],
-        "cpi-analyze (histogram)": lambda: [
-            str(BIN / "cpi-analyze"),
-            str(recipes["cpi"]),
-            "--out",
-            str(fresh(out / "hist")),
-            "--strategy",
-            "histogram",
-            "-q",
-        ],
+        ]
+
+    run_measured(analyze("buffer"), work)  # warm the page cache, and get thresholds
+    given = write_given_thresholds(
+        recipes["cpi"], out / "analysis_buffer" / "cpi_plan.json", work / "cpi_given.yml"
+    )
+    commands = {
+        "plain read": lambda: [sys.executable, "-c", READ_ALL, str(base), *map(str, tasks)],
+        "mergekit task_arithmetic": lambda: mergekit("task_arithmetic"),
+        "mergekit slerp (1 task)": lambda: mergekit("slerp"),
+        "mergekit ties (d=0.01)": lambda: mergekit("ties"),
+        "cpi-analyze (buffer)": lambda: analyze("buffer"),
+        "cpi-analyze (histogram)": lambda: analyze("histogram"),
+        "cpi-merge (end to end)": lambda: cpi(),
+        "cpi-merge --no-checksums": lambda: cpi("--no-checksums"),
+        "cpi-merge (merge only)": lambda: cpi("--no-checksums", recipe=given, folder="given"),
     }
-    run_measured(commands["plain read"](), work)  # warm the page cache
+    if args.only:
+        keep = [k.strip() for k in args.only.split(",")] + ["plain read", "task_arithmetic"]
+        commands = {n: c for n, c in commands.items() if any(k in n for k in keep)}
+    once = {"mergekit ties (d=0.01)"}  # minutes per run: one sample is enough
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for r in range(args.repeat):
         for name, cmd in commands.items():
+            if name in once and r > 0:
+                continue
             samples[name].append(run_measured(cmd(), work))
             wall_s, rss_mib = samples[name][-1]
             print(f"round {r + 1}: {name:28s} {wall_s:7.2f} s  {rss_mib:8.0f} MiB", flush=True)
@@ -150,6 +211,7 @@ def main() -> None:
         f"{shape.num_parameters / 1e9:.3f}B params x {1 + args.tasks} bf16 checkpoints, "
         f"p = {args.core_fraction}, median of {args.repeat}"
     )
+    print("(mergekit ties: a single sample; others: median of --repeat)")
     head = ["wall s", "x plain read", "x task_arith", "peak RSS MiB"]
     print(f"{'command':28s} {head[0]:>8s} " + " ".join(f"{h:>13s}" for h in head[1:]))
     for name in commands:

@@ -87,6 +87,11 @@ class Checkpoint:
 
         return LazyTensorLoader(ShardedTensorIndex.from_disk(self.path), lazy_unpickle=True)
 
+    def close(self) -> None:
+        """Unmap the shard the loader holds open (it reopens on the next :meth:`get`)."""
+        if "loader" in self.__dict__:
+            self.__dict__.pop("loader").flush()
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (only that tensor's bytes are read).
 

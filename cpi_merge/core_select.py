@@ -6,8 +6,8 @@ included). This module only sees float32 chunks of Δ; reading checkpoints is
 :mod:`cpi_merge.delta_stream`'s job. Two exact strategies, same results bit for bit:
 
 * ``buffer`` — one pass. Per task, a running buffer keeps (value, global index) of every
-  entry at or above the buffer's current k-th value and is pruned when it reaches 2k
-  entries. Fast; memory about 24 bytes per core entry per task at the peak.
+  entry at or above a running lower bound of the k-th value and is pruned when it reaches
+  2k entries. Fast; memory about 36 bytes per core entry per task at the peak.
 * ``histogram`` — three passes, constant memory. A radix select on the float32 bit
   pattern (non-negative floats order like their bits): pass 1 counts the upper 19 bits,
   pass 2 counts the lower 12 bits inside the bucket that holds the k-th value, which
@@ -31,8 +31,9 @@ from cpi_merge.errors import DegenerateTaskError
 _LOW_BITS = 12
 _HIGH_BUCKETS = 1 << (31 - _LOW_BITS)  # sign bit is 0 for |Δ|: 2^19 buckets
 _LOW_BUCKETS = 1 << _LOW_BITS
-# Bytes per buffered entry: float32 value + int64 index, twice (the buffer is pruned at 2k).
-BUFFER_BYTES_PER_CORE_ENTRY = 2 * (4 + 8)
+# Peak bytes per core entry and task: a (float32 value, int64 index) buffer of 2k entries,
+# plus the k kept entries gathered while pruning.
+BUFFER_BYTES_PER_CORE_ENTRY = 3 * (4 + 8)
 
 
 @dataclass(frozen=True)
@@ -131,56 +132,70 @@ def _degenerate(label: str, changed: int, k: int, total: int) -> DegenerateTaskE
 
 
 class _TopKBuffer:
-    """Running exact top-k of one task's Δ stream, keeping global indices."""
+    """Running exact top-k of one task's Δ stream, keeping global indices.
+
+    Candidates are appended into one preallocated (value, index) buffer and compacted in
+    place when it reaches 2k entries, so a prune allocates only the kept entries.
+    """
 
     def __init__(self, k: int):
         self.k = k
         self.cut = 0.0  # every entry >= cut (and > 0) seen so far is in the buffer
-        self.values: list[torch.Tensor] = []
-        self.indices: list[torch.Tensor] = []
+        self.values = torch.empty(0, dtype=torch.float32)
+        self.indices = torch.empty(0, dtype=torch.int64)
         self.size = 0
         self.prune_at = 2 * k
+
+    def _reserve(self, extra: int) -> None:
+        need = self.size + extra
+        if need <= self.values.numel():
+            return
+        capacity = max(need, self.prune_at + extra)
+        values = torch.empty(capacity, dtype=torch.float32)
+        indices = torch.empty(capacity, dtype=torch.int64)
+        values[: self.size] = self.values[: self.size]
+        indices[: self.size] = self.indices[: self.size]
+        self.values, self.indices = values, indices
 
     def add(self, delta: torch.Tensor, offset: int) -> None:
         mask = delta >= self.cut if self.cut > 0 else delta > 0
         local = mask.nonzero().squeeze(1)
-        if local.numel() == 0:
+        n = local.numel()
+        if n == 0:
             return
-        self.values.append(delta[local])
-        self.indices.append(local.add_(offset))
-        self.size += local.numel()
+        self._reserve(n)
+        end = self.size + n
+        torch.index_select(delta, 0, local, out=self.values[self.size : end])
+        torch.add(local, offset, out=self.indices[self.size : end])
+        self.size = end
         if self.size >= self.prune_at:
             self._prune()
 
     def _prune(self) -> None:
-        values, indices = self._concat()
-        if values.numel() > self.k:
+        values = self.values[: self.size]
+        if self.size > self.k:
             # Raise the cut to the floor of the bucket holding the k-th largest value: a
             # lower bound of the final threshold, found with one bincount (no sort).
             keys = _high_keys(values)
             bucket, _ = _top_bucket(torch.bincount(keys, minlength=_HIGH_BUCKETS), self.k)
             keep = (keys >= bucket).nonzero().squeeze(1)
-            values, indices = values.index_select(0, keep), indices.index_select(0, keep)
+            del keys
+            m = keep.numel()
+            self.values[:m] = values.index_select(0, keep)
+            self.indices[:m] = self.indices[: self.size].index_select(0, keep)
+            self.size = m
             self.cut = max(self.cut, _bucket_floor(bucket))
-        self.values, self.indices, self.size = [values], [indices], values.numel()
         # Heavy ties at the cut can keep the buffer above 2k: grow the limit, don't thrash.
         self.prune_at = max(2 * self.k, 2 * self.size)
 
-    def _concat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self.values) == 1:
-            return self.values[0], self.indices[0]
-        if not self.values:
-            return torch.empty(0), torch.empty(0, dtype=torch.int64)
-        return torch.cat(self.values), torch.cat(self.indices)
-
     def finish(self) -> tuple[int, float | None, np.ndarray]:
         """Return (positive entries buffered, threshold or None, sorted core indices)."""
-        values, indices = self._concat()
-        self.values, self.indices = [], []
-        if values.numel() < self.k:
-            return values.numel(), None, np.empty(0, dtype=np.int64)
+        values, indices = self.values[: self.size], self.indices[: self.size]
+        if self.size < self.k:
+            return self.size, None, np.empty(0, dtype=np.int64)
         threshold = kth_largest(values, self.k)
         core = indices[values >= threshold].numpy()
+        self.values = self.indices = torch.empty(0)
         if core.size > 1 and not (core[1:] > core[:-1]).all():
             core = np.sort(core)
         return values.numel(), threshold, core

@@ -132,25 +132,27 @@ class DeltaStream:
                     stop = min(start + n, info.numel)
                     m = stop - start
                     b = base_buf[:m].copy_(base[start:stop])
-                    deltas = []
-                    for buf, task in zip(delta_bufs, tasks, strict=True):
-                        d = buf[:m].copy_(task[start:stop]).sub_(b).abs_()
-                        if not math.isfinite(float(d.max())):
-                            raise self._nonfinite(info.name, base, tasks)
-                        deltas.append(d)
-                    if first_pass:
-                        self._accumulate(b, deltas)
+                    deltas = [
+                        buf[:m].copy_(task[start:stop]).sub_(b).abs_()
+                        for buf, task in zip(delta_bufs, tasks, strict=True)
+                    ]
+                    if first_pass:  # later passes see the same, already checked values
+                        self._accumulate(info.name, b, deltas, base, tasks)
                     yield DeltaChunk(index, offset + start, tuple(deltas))
                     bar.update(m)
                 del base, tasks
         finally:
             bar.close()
 
-    def _accumulate(self, base: torch.Tensor, deltas: list[torch.Tensor]) -> None:
+    def _accumulate(self, name, b, deltas, base, tasks) -> None:
+        """Add to the norms; a non-finite sum reveals NaN/Inf at no extra cost."""
         stats = self.stats
-        stats.base_sq += float(torch.dot(base, base))
+        stats.base_sq += float(torch.dot(b, b))
         for i, d in enumerate(deltas):
-            stats.delta_sq[i] += float(torch.dot(d, d))
+            sq = float(torch.dot(d, d))
+            if not math.isfinite(sq) and not bool(torch.isfinite(d).all()):
+                raise self._nonfinite(name, base, tasks)
+            stats.delta_sq[i] += sq
 
     def _nonfinite(
         self, name: str, base: torch.Tensor, tasks: list[torch.Tensor]

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -29,7 +29,6 @@ from cpi_merge.analysis import (
     run_analysis,
     write_plan_files,
 )
-from cpi_merge.checkpoints import Checkpoint
 from cpi_merge.errors import OutputError, RecipeError
 from cpi_merge.grouping import StageOrder
 from cpi_merge.model_card import cpi_card_section
@@ -186,13 +185,14 @@ def merge(
     given = recipe_thresholds(recipe)
     register_cpi_method()
 
-    pool = ThreadPoolExecutor(max_workers=1) if checksums else None
-    input_hashes: list[tuple[str, Checkpoint, Future]] = []
-    if pool is not None:
-        refs = [("base_model", opened.base)] + [
-            (f"models[{i}]", c) for i, c in enumerate(opened.models)
-        ]
-        input_hashes = [(role, c, pool.submit(_hash_folder, Path(c.path))) for role, c in refs]
+    # Side work runs beside the merge: hashing the inputs, then drawing the pictures.
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpi-merge")
+    refs = [("base_model", opened.base)] + [
+        (f"models[{i}]", c) for i, c in enumerate(opened.models)
+    ]
+    hashes = (
+        {role: pool.submit(_hash_folder, Path(c.path)) for role, c in refs} if checksums else {}
+    )
     try:
         if given is None:
             plan = run_analysis(
@@ -210,9 +210,10 @@ def merge(
         config = MergeConfiguration.model_validate(resolved)
         options = _without_missing_tokenizer(options, opened.base.path)
         with staged_output(out_dir, force=force, inputs=opened.local_folders) as tmp:
+            pictures = pool.submit(write_plan_files, plan, tmp)
             run_merge(config, str(tmp), options=options, config_source=config_source)
             _check_tokenizer(opened.base.path, tmp, options.copy_tokenizer)
-            write_plan_files(plan, tmp)
+            pictures.result()
             card = tmp / "README.md"
             if options.write_model_card and card.exists():
                 # mergekit titles the card with the folder it wrote to: the temporary one.
@@ -228,14 +229,14 @@ def merge(
                         "role": role,
                         "reference": c.reference,
                         "path": os.path.abspath(c.path),
-                        "files": fut.result(),
+                        "files": hashes[role].result() if checksums else None,
                     }
-                    for role, c, fut in input_hashes
+                    for role, c in refs
                 ],
-                "outputs": _hash_folder(tmp) if checksums else {},
+                "outputs": _hash_folder(tmp) if checksums else None,
             }
+            # Written last: a folder with a manifest is a complete one.
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        pool.shutdown(cancel_futures=True)
     return MergeResult(Path(out_dir), plan)

@@ -79,19 +79,17 @@ def cpi_fusion(
     omegas = [float(omega[e.id]) for e in entries]
     if any(not 0.0 <= w <= 1.0 for w in omegas):
         raise RecipeError(f"omega must be in [0, 1]; got {omegas}")
-    result = fuse_tensor(
-        theta0,
-        [e.tensor for e in entries],
-        thresholds=thresholds,
-        omegas=omegas,
-        fusion_base=flagged[0] if flagged else len(entries) - 1,
-        epsilon=float(epsilon),
-    )
-    if result.numel() and not math.isfinite(float(result.float().abs().max())):
-        raise NonFiniteError(
-            f"tensor {name}: the fused result holds NaN/Inf (are the inputs finite?)"
+    try:
+        return fuse_tensor(
+            theta0,
+            [e.tensor for e in entries],
+            thresholds=thresholds,
+            omegas=omegas,
+            fusion_base=flagged[0] if flagged else len(entries) - 1,
+            epsilon=float(epsilon),
         )
-    return result
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"tensor {name}: {exc}; no output was written") from None
 
 
 def register_cpi_method() -> MergeMethod:

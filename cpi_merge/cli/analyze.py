@@ -29,7 +29,7 @@ from cpi_merge.cli.common import parse_size, report_errors, setup_logging
     type=click.Choice(["auto", "buffer", "histogram"]),
     default="auto",
     show_default=True,
-    help="buffer: one pass, ~24 B per core entry per task; histogram: three passes, "
+    help="buffer: one pass, ~36 B per core entry per task; histogram: three passes, "
     "constant memory; auto: buffer when it fits --memory-budget. Both exact.",
 )
 @click.option(
