@@ -196,6 +196,8 @@ def fuse_tensor(
     base_buf = _WORKSPACE.take("base", width, torch.float32)
     scratch = _WORKSPACE.take("scratch", width, torch.float32)
 
+    others = [i for i, t in enumerate(thresholds) if t is None]
+
     # Pass 1: core owners (kept only where there is a core) and the non-core Gram matrix.
     gram = np.zeros((n_models, n_models))
     core_at, core_of = [], []
@@ -206,6 +208,9 @@ def fuse_tensor(
         for i, flat in enumerate(flats):
             v[i].copy_(flat[start:stop])
         base = base_buf[:m].copy_(base_flat[start:stop])
+        for i in others:  # tasks are checked through their Δ in _core_claims
+            if not math.isfinite(float(v[i].abs().max())):
+                raise NonFiniteError("a model that is not a task holds NaN/Inf")
         at, owner = _core_claims(base, list(v), thresholds, scratch[:m])
         if at.numel():
             v.index_fill_(1, at, 0.0)

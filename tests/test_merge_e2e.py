@@ -295,3 +295,38 @@ def test_python_run_merge_usage(tmp_path):
         yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())["merge_method"]
         == "cpi"
     )
+
+
+def _poison(folder, name, value):
+    """Rewrite one tensor of a saved model with a NaN/Inf at entry 0."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        dict(model.named_parameters())[name].view(-1)[0] = value
+    shutil.rmtree(folder)
+    model.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("who", ["base", "task", "fusion_base_not_task"])
+def test_nan_or_inf_with_given_thresholds_is_refused(tmp_path, who):
+    """No analysis pass to catch it: the merge itself must refuse, naming the tensor."""
+    base, models = make_hf_family(tmp_path, "llama", n_tasks=3)
+    target = {"base": base, "task": models[0], "fusion_base_not_task": models[2]}[who]
+    _poison(
+        target, "model.layers.1.mlp.up_proj.weight", float("nan") if who != "task" else float("inf")
+    )
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        base,
+        [
+            (models[0], {"core_threshold": 0.05}),
+            (models[1], {"core_threshold": 0.05}),
+            (models[2], {"task": 0}),
+        ],
+    )
+    with pytest.raises(CpiError, match="model.layers.1.mlp.up_proj.weight.*NaN/Inf"):
+        merged(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
