@@ -5,34 +5,18 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
+_LLAMA_LIKE = dict(
+    vocab_size=96,
+    hidden_size=16,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 CONFIGS = {
-    "llama": lambda tied: LlamaConfig(
-        vocab_size=96,
-        hidden_size=16,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tied,
-    ),
-    "mistral": lambda tied: MistralConfig(
-        vocab_size=96,
-        hidden_size=16,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tied,
-    ),
-    "qwen2": lambda tied: Qwen2Config(
-        vocab_size=96,
-        hidden_size=16,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tied,
-    ),
+    "llama": lambda tied: LlamaConfig(**_LLAMA_LIKE, tie_word_embeddings=tied),
+    "mistral": lambda tied: MistralConfig(**_LLAMA_LIKE, tie_word_embeddings=tied),
+    "qwen2": lambda tied: Qwen2Config(**_LLAMA_LIKE, tie_word_embeddings=tied),
     "gpt2": lambda tied: GPT2Config(
         vocab_size=96,
         n_embd=16,

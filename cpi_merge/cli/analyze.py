@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cpi_merge.cli.common import parse_size, report_errors, setup_logging
+from cpi_merge.cli.common import analysis_options, report_errors, setup_logging
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,34 +16,7 @@ from cpi_merge.cli.common import parse_size, report_errors, setup_logging
     type=click.Path(file_okay=False),
     help="Folder for cpi_plan.json and the pictures (must be new or empty).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random stage order.")
-@click.option(
-    "--order",
-    type=click.Choice(["random", "given"]),
-    default="random",
-    show_default=True,
-    help="Stage order: seeded random (the paper) or recipe order.",
-)
-@click.option(
-    "--strategy",
-    type=click.Choice(["auto", "buffer", "histogram"]),
-    default="auto",
-    show_default=True,
-    help="buffer: one pass, ~36 B per core entry per task; histogram: three passes, "
-    "constant memory; auto: buffer when it fits --memory-budget. Both exact.",
-)
-@click.option(
-    "--memory-budget",
-    default=None,
-    metavar="SIZE",
-    help="Memory the buffer strategy may use, e.g. 8G (default: 40% of RAM).",
-)
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-@click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Accept pytorch_model.bin checkpoints (pickle can run code: trusted files only).",
-)
+@analysis_options
 @click.option("--no-plots", is_flag=True, help="Skip the pictures.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
@@ -77,7 +50,7 @@ def main(
         seed=seed,
         order=order,
         strategy=strategy,
-        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        memory_budget=memory_budget,
         force=force,
         progress=not quiet,
         allow_pickle=allow_pickle,

@@ -54,3 +54,48 @@ def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return parse_size(value) if value else None
+
+
+def analysis_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that runs the analysis (and writes a folder)."""
+    options = [
+        click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
+        click.option(
+            "--seed", default=0, show_default=True, help="Seed of the random stage order."
+        ),
+        click.option(
+            "--order",
+            type=click.Choice(["random", "given"]),
+            default="random",
+            show_default=True,
+            help="Stage order: seeded random (the paper) or recipe order.",
+        ),
+        click.option(
+            "--strategy",
+            type=click.Choice(["auto", "buffer", "histogram"]),
+            default="auto",
+            show_default=True,
+            help="Analysis strategy, both exact. buffer: one pass, ~36 B per core entry per "
+            "task; histogram: three passes, constant memory; auto: buffer when it fits "
+            "--memory-budget.",
+        ),
+        click.option(
+            "--memory-budget",
+            default=None,
+            metavar="SIZE",
+            callback=_size_option,
+            help="Memory the buffer strategy may use, e.g. 8G (default: 40% of RAM).",
+        ),
+        click.option(
+            "--allow-pickle",
+            is_flag=True,
+            help="Accept pytorch_model.bin checkpoints (pickle can run code: trusted files only).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -5,39 +5,13 @@ from __future__ import annotations
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from cpi_merge.cli.common import parse_size, report_errors, setup_logging
+from cpi_merge.cli.common import analysis_options, report_errors, setup_logging
 
 
 @click.command("cpi-merge", cls=PrettyPrintHelp)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace a non-empty OUT_PATH.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random stage order.")
-@click.option(
-    "--order",
-    type=click.Choice(["random", "given"]),
-    default="random",
-    show_default=True,
-    help="Stage order recorded in the plan.",
-)
-@click.option(
-    "--strategy",
-    type=click.Choice(["auto", "buffer", "histogram"]),
-    default="auto",
-    show_default=True,
-    help="Analysis strategy (see cpi-analyze --help).",
-)
-@click.option(
-    "--memory-budget",
-    default=None,
-    metavar="SIZE",
-    help="Memory the analysis buffer may use, e.g. 8G (default: 40% of RAM).",
-)
-@click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Accept pytorch_model.bin checkpoints (pickle can run code).",
-)
+@analysis_options
 @click.option(
     "--no-checksums", is_flag=True, help="Skip SHA-256 of inputs and outputs in cpi_manifest.json."
 )
@@ -74,7 +48,7 @@ def main(
         seed=seed,
         order=order,
         strategy=strategy,
-        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        memory_budget=memory_budget,
         allow_pickle=allow_pickle,
         checksums=not no_checksums,
     )
