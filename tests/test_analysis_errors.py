@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_model, write_recipe
 
 from cpi_merge.analysis import analyze
 from cpi_merge.checkpoints import Checkpoint
 from cpi_merge.errors import CheckpointError, DegenerateTaskError, NonFiniteError, RecipeError
+
+from conftest import write_model, write_recipe
 
 BASE = {"x.weight": torch.zeros(6, 4), "y.weight": torch.zeros(10)}
 

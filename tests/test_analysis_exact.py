@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_plan_matches, brute_force, load_folder, write_model, write_recipe
 
 from cpi_merge.analysis import analyze
 from cpi_merge.synthetic import LlamaShape, TaskSpec, make_family
+
+from conftest import assert_plan_matches, brute_force, load_folder, write_model, write_recipe
 
 STRATEGIES = ["buffer", "histogram"]
 

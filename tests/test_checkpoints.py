@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import write_model
 
 from cpi_merge.checkpoints import check_compatible, open_checkpoint
 from cpi_merge.errors import CheckpointError
+
+from conftest import write_model
 
 TENSORS = {"a.weight": torch.ones(4, 4), "b.weight": torch.ones(8), "c.weight": torch.ones(3)}
 

@@ -8,15 +8,16 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import brute_force, load_folder, write_recipe
-from hf_models import make_hf_family
-from test_fusion import ref_fuse
 
 from cpi_merge.cli.merge import main as merge_cli
 from cpi_merge.errors import CpiError, OutputError, RecipeError
 from cpi_merge.merge import merge
 from cpi_merge.plan import CorePlan
 from cpi_merge.recipe import DEFAULT_EPSILON
+
+from conftest import brute_force, load_folder, write_recipe
+from hf_models import make_hf_family
+from test_fusion import ref_fuse
 
 
 def merged(recipe, out, **kw):

@@ -7,12 +7,13 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_recipe
 
 from cpi_merge.analysis import analyze
 from cpi_merge.cli.analyze import main
 from cpi_merge.errors import CpiError, OutputError
 from cpi_merge.plan import CorePlan
+
+from conftest import write_recipe
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import weakref
 
-from conftest import write_recipe
-
 from cpi_merge.analysis import analyze
 from cpi_merge.checkpoints import Checkpoint
 from cpi_merge.delta_stream import DeltaStream
+
+from conftest import write_recipe
 
 
 def test_tensors_are_read_once_per_pass_and_released(tiny_family, tmp_path, monkeypatch):

@@ -1,0 +1,145 @@
+"""Stage 1: one short fine-tune of θ0 per task (the probes whose updates locate each core).
+
+Writes ``OUT/<task>/`` (a model folder per task), ``OUT/probes_recipe.yml`` (a ready cpi
+recipe over θ0 and the probes, for ``cpi-analyze`` / ``cpi-merge``) and
+``OUT/probes_report.json``. Like consolidation, work happens in ``.<OUT>.work`` so an
+interrupted run can ``--resume`` (finished probes are kept), and OUT appears when done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from consolidation.config import ProbeConfig, load_probe_config
+from consolidation.data import balanced_sample, build_dataset, pad_collate, read_jsonl
+from consolidation.models import load_for_training, load_tokenizer, save_model
+from consolidation.stages import work_dir_for
+from consolidation.training import (
+    barrier,
+    build_optimizer,
+    init_distributed,
+    is_main_process,
+    losses,
+    run_stage,
+)
+from cpi_merge.errors import OutputError
+from cpi_merge.output_dir import check_output_location, staged_output
+
+RECIPE_FILE = "probes_recipe.yml"
+REPORT_FILE = "probes_report.json"
+
+
+def _relative_norm(model: torch.nn.Module, base: dict[str, torch.Tensor]) -> float:
+    num = den = 0.0
+    for name, p in model.named_parameters():
+        num += float((p.detach().double() - base[name].double()).pow(2).sum())
+        den += float(base[name].double().pow(2).sum())
+    return math.sqrt(num / den) if den else math.inf
+
+
+def run_probes(
+    config: ProbeConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Fine-tune θ0 once per task and write the probes plus a cpi recipe over them.
+
+    Args:
+        config: A :class:`ProbeConfig` or the path of its YAML file.
+        out_dir: Output folder (new or empty unless ``force``).
+        force: Replace a non-empty ``out_dir`` and discard an earlier run's work.
+        resume: Keep probes an interrupted run finished; continue the one it was on.
+        progress: Show progress bars.
+
+    Returns:
+        Per task: steps, first and last loss, ‖θi − θ0‖ / ‖θ0‖.
+    """
+    init_distributed()
+    cfg = config if isinstance(config, ProbeConfig) else load_probe_config(config)
+    out_dir = Path(out_dir)
+    check_output_location(out_dir, force=force, inputs=[cfg.model])
+    work = work_dir_for(out_dir)
+    if work.exists() and not resume:
+        if not force:
+            raise OutputError(
+                f"an earlier run left {work}; pass --resume to continue it or --force to discard it"
+            )
+        barrier()
+        if is_main_process():
+            shutil.rmtree(work)
+    barrier()
+    tokenizer = load_tokenizer(cfg.model)
+    datasets = {
+        task: build_dataset(
+            balanced_sample(read_jsonl(path), cfg.samples_per_task, seed=cfg.seed, task=task),
+            tokenizer,
+            cfg.training.max_length,
+            what=f"task {task!r}",
+        )
+        for task, path in cfg.data.items()
+    }
+    collate = pad_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    results: dict[str, dict] = {}
+    for index, (task, dataset) in enumerate(datasets.items()):
+        done = work / task / "probe.json"
+        if done.exists():
+            results[task] = json.loads(done.read_text())
+            continue
+        model, dtype = load_for_training(cfg.model)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer = run_stage(
+            model,
+            dataset,
+            collate,
+            cfg.training,
+            output_dir=work / f"{task}.checkpoints",
+            optimizer=build_optimizer(model, cfg.training),
+            seed=cfg.seed + index,
+            progress=progress,
+            resume=resume,
+        )
+        history = losses(trainer)
+        results[task] = {
+            "steps": trainer.state.global_step,
+            "first_loss": history[0][1] if history else None,
+            "last_loss": history[-1][1] if history else None,
+            "relative_update_norm": _relative_norm(model, start),
+        }
+        if is_main_process():
+            save_model(model, tokenizer, work / task, dtype)
+            shutil.rmtree(work / f"{task}.checkpoints", ignore_errors=True)
+            done.write_text(json.dumps(results[task]))
+        barrier()
+        del model, trainer, start
+
+    if is_main_process():
+        with staged_output(out_dir, force=force, inputs=[cfg.model]) as tmp:
+            for task in datasets:
+                shutil.move(str(work / task), str(tmp / task))
+                (tmp / task / "probe.json").unlink()
+            final = out_dir.resolve()
+            recipe = {
+                "merge_method": "cpi",
+                "base_model": cfg.model,
+                "models": [{"model": str(final / task)} for task in datasets],
+                "parameters": {"core_fraction": 0.01, "tau": 0.1},
+            }
+            header = (
+                "# cpi recipe over the probes written by `cpi-consolidate probe`.\n"
+                f"# Run: cpi-merge {final / RECIPE_FILE} MERGED_DIR\n"
+                "# Override example: parameters: {core_fraction: 0.02, tau: 0.2}\n"
+            )
+            (tmp / RECIPE_FILE).write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+            (tmp / REPORT_FILE).write_text(json.dumps(results, indent=1) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
+    return results

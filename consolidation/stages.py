@@ -1,0 +1,216 @@
+"""Stage 4: the masked multi-stage fine-tune of a fused model, end to end.
+
+Stages follow the plan's groups (or one stage over all tasks). While stage k trains on
+the sampled data of its tasks, the cores of the tasks of stages 1..k−1 are frozen bit for
+bit (:class:`~consolidation.freezer.ExactFreezer`). Work happens in a hidden sibling folder
+``.<OUT>.work`` (stage checkpoints, stage ends) so an interrupted run can ``--resume``;
+OUT_DIR itself appears only when every stage is done. In multi-process runs every rank
+computes the same masks from the same files; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from consolidation.config import ConsolidationConfig, load_consolidation_config
+from consolidation.data import DataError, balanced_sample, build_dataset, pad_collate, read_jsonl
+from consolidation.freezer import ExactFreezer
+from consolidation.masks import check_plan_matches_model, core_positions
+from consolidation.models import load_for_training, load_tokenizer, save_model
+from consolidation.report import LOSS_PNG, REPORT_FILE, StageRecord, plot_losses, write_report
+from consolidation.training import (
+    barrier,
+    build_optimizer,
+    init_distributed,
+    is_main_process,
+    load_for_resume,
+    losses,
+    ranks_agree,
+    run_stage,
+    save_for_resume,
+    world_size,
+)
+from cpi_merge.errors import CpiError, OutputError
+from cpi_merge.output_dir import check_output_location, staged_output
+from cpi_merge.plan import CorePlan
+
+STAGE_DONE = "done"
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    """The hidden folder next to OUT_DIR where stages and checkpoints live until the end."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.parent / f".{out_dir.name}.work"
+
+
+def stage_groups(cfg: ConsolidationConfig, plan: CorePlan) -> list[list[str]]:
+    """Task groups in stage order (one group of every task for ``stages: single``)."""
+    if cfg.stages == "single":
+        return [[t.model for t in plan.tasks]]
+    if not plan.analysed:
+        raise CpiError(
+            f"{cfg.plan_path}: the plan has no groups (thresholds were given in the recipe); "
+            "run cpi-analyze for a plan with groups, or use stages: single"
+        )
+    return [list(g) for g in plan.groups]
+
+
+def check_data_keys(cfg: ConsolidationConfig, plan: CorePlan) -> None:
+    """Every task of the plan has data, and every data key is a task of the plan."""
+    planned = [t.model for t in plan.tasks]
+    unknown = [k for k in cfg.data if k not in planned]
+    missing = [t for t in planned if t not in cfg.data]
+    problems = []
+    if unknown:
+        problems.append(f"data has task(s) {unknown} that are not in the plan")
+    if missing:
+        problems.append(f"planned task(s) {missing} have no data")
+    if problems:
+        raise DataError(
+            "; ".join(problems) + f". The plan's tasks are {planned} (keys of data: must be "
+            "these exact model references)"
+        )
+
+
+def _header(cfg: ConsolidationConfig, total: int) -> dict:
+    from cpi_merge.analysis import _package_version
+
+    return {
+        "created_by": _package_version(),
+        "model": cfg.model,
+        "plan": str(cfg.plan_path),
+        "freeze": cfg.freeze,
+        "stages_mode": cfg.stages,
+        "samples_per_task": cfg.samples_per_task,
+        "seed": cfg.seed,
+        "world_size": world_size(),
+        "total_parameters": total,
+        "training": cfg.training.model_dump(),
+    }
+
+
+def consolidate(
+    config: ConsolidationConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[StageRecord]:
+    """Run Stage 4 and write the consolidated model to ``out_dir``.
+
+    Args:
+        config: A :class:`ConsolidationConfig` or the path of its YAML file.
+        out_dir: The output model folder (new or empty unless ``force``).
+        force: Replace a non-empty ``out_dir`` and discard an earlier run's work folder.
+        resume: Continue an interrupted run from its last complete stage and checkpoint.
+        progress: Show progress bars.
+
+    Returns:
+        One record per stage.
+
+    Raises:
+        CpiError: Bad config, data, plan or output location; all before training starts.
+    """
+    init_distributed()
+    cfg = config if isinstance(config, ConsolidationConfig) else load_consolidation_config(config)
+    out_dir = Path(out_dir)
+    plan = CorePlan.load(cfg.plan_path)
+    check_data_keys(cfg, plan)
+    groups = stage_groups(cfg, plan)
+    check_output_location(out_dir, force=force, inputs=[cfg.model])
+    work = work_dir_for(out_dir)
+    if work.exists() and not resume:
+        if not force:
+            raise OutputError(
+                f"an earlier run left {work} (stage checkpoints); pass --resume to continue "
+                "it or --force to discard it"
+            )
+        barrier()
+        if is_main_process():
+            shutil.rmtree(work)
+    barrier()
+
+    samples = {
+        task: balanced_sample(read_jsonl(path), cfg.samples_per_task, seed=cfg.seed, task=task)
+        for task, path in cfg.data.items()
+    }
+    tokenizer = load_tokenizer(cfg.model)
+    datasets = {
+        task: build_dataset(rows, tokenizer, cfg.training.max_length, what=f"task {task!r}")
+        for task, rows in samples.items()
+    }
+    model, dtype = load_for_training(cfg.model)
+    check_plan_matches_model(plan, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    total = sum(p.numel() for p in model.parameters())
+    collate = pad_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+    optimizer = build_optimizer(model, cfg.training)
+    records: list[StageRecord] = []
+    for index, group in enumerate(groups, 1):
+        stage_dir = work / f"stage-{index}"
+        if (stage_dir / STAGE_DONE / "record.json").exists():
+            load_for_resume(model, optimizer, stage_dir / STAGE_DONE)
+            record = json.loads((stage_dir / STAGE_DONE / "record.json").read_text())
+            records.append(StageRecord(**record))
+            continue
+        if cfg.training.optimizer_state == "reset":
+            optimizer = build_optimizer(model, cfg.training)
+        earlier = [t for g in groups[: index - 1] for t in g] if cfg.freeze != "none" else []
+        freezer = ExactFreezer(model, core_positions(plan, earlier, progress=progress))
+        freezer.attach(optimizer)
+        stage_data = torch.utils.data.ConcatDataset([datasets[t] for t in group])
+        trainer = run_stage(
+            model,
+            stage_data,
+            collate,
+            cfg.training,
+            output_dir=stage_dir,
+            optimizer=optimizer,
+            seed=cfg.seed + index,
+            progress=progress,
+            resume=resume,
+        )
+        freezer.detach()
+        drift = freezer.drift()
+        if drift:
+            raise RuntimeError(f"stage {index}: {drift} frozen entries changed (a bug: report it)")
+        agree = ranks_agree(freezer, model)
+        if agree is False:
+            raise RuntimeError(f"stage {index}: the processes disagree on masks or weights")
+        history = losses(trainer)
+        record = StageRecord(
+            index=index,
+            tasks=list(group),
+            frozen_entries=freezer.frozen_entries,
+            trainable_entries=total - freezer.frozen_entries,
+            steps=trainer.state.global_step,
+            first_loss=history[0][1] if history else None,
+            last_loss=history[-1][1] if history else None,
+            freezer_bytes=freezer.stored_bytes,
+            ranks_agree=agree,
+            losses=history,
+        )
+        records.append(record)
+        if is_main_process():
+            if cfg.save_stages:
+                save_model(model, tokenizer, work / "stages" / str(index), dtype)
+            save_for_resume(model, optimizer, stage_dir / STAGE_DONE)
+            (stage_dir / STAGE_DONE / "record.json").write_text(json.dumps(asdict(record)))
+        barrier()
+
+    if is_main_process():
+        with staged_output(out_dir, force=force, inputs=[cfg.model]) as tmp:
+            save_model(model, tokenizer, tmp, dtype)
+            if cfg.save_stages:
+                shutil.move(str(work / "stages"), str(tmp / "stages"))
+            write_report(tmp / REPORT_FILE, _header(cfg, total), records)
+            plot_losses(tmp / LOSS_PNG, records, f"CPI-FT consolidation ({cfg.freeze})")
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
+    return records
