@@ -8,9 +8,10 @@ gradient is masked. So the update itself is masked, in two places:
    with 0 in place (``register_post_accumulate_grad_hook``): before gradient clipping (the
    clip norm does not count frozen entries), before the optimizer, and a NaN/Inf gradient
    at a frozen entry is dropped instead of poisoning the clip norm.
-2. After every optimizer step, frozen entries are written back from a stored copy and
-   their optimizer moments are zeroed, which undoes weight decay, momentum and anything
-   else the optimizer did there.
+2. After every optimizer step, frozen entries are written back from a stored copy, which
+   undoes weight decay, momentum and anything else the optimizer did there. Moments an
+   optimizer carries into a stage are zeroed at frozen entries when the freezer attaches;
+   with zero gradients there, Adam's moments then stay exactly zero.
 
 Only the frozen entries are stored (int32 positions + values): at p = 1% and three tasks
 a fraction of a byte per model parameter, with no full-size mask or copy. Pure torch: the
@@ -96,20 +97,19 @@ class ExactFreezer:
 
         def hook(param: nn.Parameter) -> None:
             if param.grad is not None:
-                param.grad.view(-1)[pos] = 0.0
+                param.grad.view(-1).index_fill_(0, pos.long(), 0.0)
 
         return hook
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, *_args, **_kwargs) -> None:
         self.restore()
-        self._zero_moments(optimizer)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Write the stored values back into the frozen entries."""
         for name, p in self.params.items():
-            p.view(-1)[self.positions[name]] = self.values[name]
+            p.view(-1).index_copy_(0, self.positions[name].long(), self.values[name])
 
     @torch.no_grad()
     def _zero_moments(self, optimizer: torch.optim.Optimizer) -> None:
@@ -120,7 +120,7 @@ class ExactFreezer:
             for key in _MOMENT_KEYS:
                 moment = state.get(key)
                 if isinstance(moment, torch.Tensor) and moment.shape == p.shape:
-                    moment.view(-1)[self.positions[name]] = 0.0
+                    moment.view(-1).index_fill_(0, self.positions[name].long(), 0.0)
 
     def drift(self) -> int:
         """Frozen entries whose bits differ from the stored values (0 while enforced)."""
