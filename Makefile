@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m cpi_merge.demo
+	$(BIN)/python -m benchmarks.quality.demo
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
@@ -27,6 +27,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/consolidation_overhead.py
+	$(BIN)/python -m benchmarks.quality.run
 
 clean:
 	rm -rf $(VENV) demo_workdir bench_workdir

@@ -42,6 +42,9 @@ class TrainingConfig(_Strict):
     learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 2.0e-5
     max_steps_per_stage: Annotated[int, Field(gt=0)] | None = 100
     epochs_per_stage: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    steps_per_task: Annotated[int, Field(gt=0)] | None = None
+    """Steps per task in the stage: a stage of n tasks runs n × steps_per_task steps (an
+    equal budget per task whatever the grouping)."""
     per_device_train_batch_size: Annotated[int, Field(gt=0)] = 8
     gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
@@ -60,13 +63,21 @@ class TrainingConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingConfig:
-        if self.epochs_per_stage is not None and self.max_steps_per_stage is not None:
-            if "max_steps_per_stage" in self.model_fields_set:
-                raise ValueError("set max_steps_per_stage or epochs_per_stage, not both")
+        lengths = {"max_steps_per_stage", "epochs_per_stage", "steps_per_task"}
+        chosen = lengths & {k for k in self.model_fields_set if getattr(self, k) is not None}
+        if len(chosen) > 1:
+            raise ValueError(f"set one of {sorted(lengths)}, not both ({sorted(chosen)})")
+        if chosen and "max_steps_per_stage" not in chosen:
             object.__setattr__(self, "max_steps_per_stage", None)
-        if self.epochs_per_stage is None and self.max_steps_per_stage is None:
-            raise ValueError("set max_steps_per_stage or epochs_per_stage")
+        if not chosen and self.max_steps_per_stage is None:
+            raise ValueError(f"set one of {sorted(lengths)}")
         return self
+
+    def for_stage(self, n_tasks: int) -> TrainingConfig:
+        """Return the config with the step budget of a stage of ``n_tasks`` tasks resolved."""
+        if self.steps_per_task is None:
+            return self
+        return self.model_copy(update={"max_steps_per_stage": self.steps_per_task * n_tasks})
 
 
 class ConsolidationConfig(_Strict):

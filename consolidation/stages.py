@@ -78,10 +78,10 @@ def check_data_keys(cfg: ConsolidationConfig, plan: CorePlan) -> None:
 
 
 def _header(cfg: ConsolidationConfig, total: int) -> dict:
-    from cpi_merge.analysis import _package_version
+    from cpi_merge.analysis import package_version
 
     return {
-        "created_by": _package_version(),
+        "created_by": package_version(),
         "model": cfg.model,
         "plan": str(cfg.plan_path),
         "freeze": cfg.freeze,
@@ -169,7 +169,7 @@ def consolidate(
             model,
             stage_data,
             collate,
-            cfg.training,
+            cfg.training.for_stage(len(group)),
             output_dir=stage_dir,
             optimizer=optimizer,
             seed=cfg.seed + index,

@@ -222,6 +222,10 @@ def run_stage(
         optimizers=(optimizer, None),
         callbacks=[MarkComplete(), *(callbacks or [])],
     )
+    if not progress:  # quiet runs: no per-step dicts printed on stdout
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     checkpoint = latest_complete_checkpoint(output_dir) if resume else None
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer

@@ -133,7 +133,8 @@ def choose_strategy(strategy: Strategy, *, n_tasks: int, k: int, memory_budget: 
     return chosen
 
 
-def _package_version() -> str:
+def package_version() -> str:
+    """``cpi-merge <version>`` (or a source-tree marker), for provenance records."""
     try:
         return f"cpi-merge {version('cpi-merge')}"
     except PackageNotFoundError:
@@ -175,7 +176,7 @@ def build_plan(
             )
         )
     return CorePlan(
-        created_by=_package_version(),
+        created_by=package_version(),
         base_model=recipe.base_model,
         dtype=recipe.dtype,
         total_parameters=stream.total,
@@ -265,7 +266,7 @@ def plan_from_thresholds(opened: OpenedModels, thresholds: list[float]) -> CoreP
         tasks.append(TaskCore(model=entry.model, core_threshold=value, core_threshold_bits=bits))
     return CorePlan(
         source="recipe",
-        created_by=_package_version(),
+        created_by=package_version(),
         base_model=recipe.base_model,
         dtype=recipe.dtype,
         total_parameters=total,
