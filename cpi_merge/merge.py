@@ -2,7 +2,8 @@
 
 The output folder is a Hugging Face model folder written by mergekit (sharding, config,
 tokenizer, model card), plus ``cpi_plan.json`` (the analysis used), the pictures,
-``mergekit_config.yml`` (the resolved recipe, thresholds filled in) and
+``mergekit_config.yml`` (the resolved recipe: thresholds filled in, local folders as
+absolute paths) and
 ``cpi_manifest.json`` (sizes and SHA-256 of every input and output file, written last).
 It appears only when complete.
 """
@@ -97,6 +98,22 @@ def resolved_recipe(recipe: CpiRecipe, plan: CorePlan, out_dtype: str | None) ->
             params["core_threshold"] = thresholds[model.model]
     if out_dtype and not recipe.out_dtype and not recipe.dtype:
         doc["out_dtype"] = out_dtype
+    return doc
+
+
+def _absolute_local_paths(doc: dict) -> dict:
+    """Write local model folders as absolute paths in the recipe handed to mergekit.
+
+    mergekit's model card asks the Hugging Face Hub about any relative ``dir/name`` path
+    that could be a repo id, which fails offline; an absolute path is never looked up.
+    """
+    doc = dict(doc)
+    if os.path.isdir(doc["base_model"]):
+        doc["base_model"] = os.path.abspath(doc["base_model"])
+    doc["models"] = [
+        {**m, "model": os.path.abspath(m["model"])} if os.path.isdir(m["model"]) else m
+        for m in doc["models"]
+    ]
     return doc
 
 
@@ -205,7 +222,9 @@ def merge(
             )
         else:
             plan = plan_from_thresholds(opened, given)
-        resolved = resolved_recipe(recipe, plan, _stored_dtype(opened, recipe.fusion_base.model))
+        resolved = _absolute_local_paths(
+            resolved_recipe(recipe, plan, _stored_dtype(opened, recipe.fusion_base.model))
+        )
         config_source = yaml.safe_dump(resolved, sort_keys=False)
         config = MergeConfiguration.model_validate(resolved)
         options = _without_missing_tokenizer(options, opened.base.path)

@@ -331,3 +331,21 @@ def test_nan_or_inf_with_given_thresholds_is_refused(tmp_path, who):
     with pytest.raises(CpiError, match="model.layers.1.mlp.up_proj.weight.*NaN/Inf"):
         merged(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_relative_local_paths_never_query_the_hub(tmp_path, monkeypatch):
+    """`dir/name` looks like a Hub id: mergekit's card would ask the Hub (offline: crash)."""
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(huggingface_hub, "repo_exists", offline)
+    make_hf_family(tmp_path / "fam", "llama", n_tasks=2)
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(
+        tmp_path / "r.yml", "fam/base", ["fam/task_0", "fam/task_1"], core_fraction=0.05
+    )
+    result = merged(recipe, tmp_path / "out")
+    assert [t.model for t in result.plan.tasks] == ["fam/task_0", "fam/task_1"]  # as written
+    assert str(tmp_path / "fam" / "base") in (tmp_path / "out" / "mergekit_config.yml").read_text()
