@@ -19,7 +19,7 @@ import yaml
 from consolidation.config import ProbeConfig, load_probe_config
 from consolidation.data import balanced_sample, build_dataset, pad_collate, read_jsonl
 from consolidation.models import load_for_training, load_tokenizer, save_model
-from consolidation.stages import work_dir_for
+from consolidation.stages import prepare_work_dir
 from consolidation.training import (
     barrier,
     build_optimizer,
@@ -28,8 +28,7 @@ from consolidation.training import (
     losses,
     run_stage,
 )
-from cpi_merge.errors import OutputError
-from cpi_merge.output_dir import check_output_location, staged_output
+from cpi_merge.output_dir import staged_output
 
 RECIPE_FILE = "probes_recipe.yml"
 REPORT_FILE = "probes_report.json"
@@ -66,17 +65,7 @@ def run_probes(
     init_distributed()
     cfg = config if isinstance(config, ProbeConfig) else load_probe_config(config)
     out_dir = Path(out_dir)
-    check_output_location(out_dir, force=force, inputs=[cfg.model])
-    work = work_dir_for(out_dir)
-    if work.exists() and not resume:
-        if not force:
-            raise OutputError(
-                f"an earlier run left {work}; pass --resume to continue it or --force to discard it"
-            )
-        barrier()
-        if is_main_process():
-            shutil.rmtree(work)
-    barrier()
+    work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=[cfg.model])
     tokenizer = load_tokenizer(cfg.model)
     datasets = {
         task: build_dataset(

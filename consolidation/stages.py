@@ -48,6 +48,31 @@ def work_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.work"
 
 
+def prepare_work_dir(out_dir: Path, *, force: bool, resume: bool, inputs: list[str]) -> Path:
+    """Check OUT_DIR, then keep (``resume``), discard (``force``) or refuse an earlier run's work.
+
+    Returns:
+        The work folder (every process waits until rank 0 has cleared it).
+
+    Raises:
+        OutputError: OUT_DIR is unsafe, or an earlier run's work exists without
+            ``--resume`` / ``--force``.
+    """
+    check_output_location(out_dir, force=force, inputs=inputs)
+    work = work_dir_for(out_dir)
+    if work.exists() and not resume:
+        if not force:
+            raise OutputError(
+                f"an earlier run left {work} (checkpoints and finished stages); pass --resume "
+                "to continue it or --force to discard it"
+            )
+        barrier()
+        if is_main_process():
+            shutil.rmtree(work)
+    barrier()
+    return work
+
+
 def stage_groups(cfg: ConsolidationConfig, plan: CorePlan) -> list[list[str]]:
     """Task groups in stage order (one group of every task for ``stages: single``)."""
     if cfg.stages == "single":
@@ -123,18 +148,7 @@ def consolidate(
     plan = CorePlan.load(cfg.plan_path)
     check_data_keys(cfg, plan)
     groups = stage_groups(cfg, plan)
-    check_output_location(out_dir, force=force, inputs=[cfg.model])
-    work = work_dir_for(out_dir)
-    if work.exists() and not resume:
-        if not force:
-            raise OutputError(
-                f"an earlier run left {work} (stage checkpoints); pass --resume to continue "
-                "it or --force to discard it"
-            )
-        barrier()
-        if is_main_process():
-            shutil.rmtree(work)
-    barrier()
+    work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=[cfg.model])
 
     samples = {
         task: balanced_sample(read_jsonl(path), cfg.samples_per_task, seed=cfg.seed, task=task)
