@@ -8,7 +8,6 @@ any reader can check it got the exact value.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -138,8 +137,3 @@ def threshold_record(value: float) -> tuple[float, str]:
     if float32_from_bits(bits) != value:
         raise ValueError(f"{value!r} is not exactly representable as float32")
     return value, f"0x{bits:08x}"
-
-
-def default_plan_path(folder: str | os.PathLike) -> Path:
-    """``<folder>/cpi_plan.json``."""
-    return Path(folder) / PLAN_FILE
