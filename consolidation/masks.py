@@ -19,18 +19,24 @@ from cpi_merge.plan import CorePlan
 from cpi_merge.recipe import torch_dtype
 
 
-def check_plan_matches_model(plan: CorePlan, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_plan_matches_model(
+    plan: CorePlan, shapes: dict[str, tuple[int, ...]], buffers: set[str] = frozenset()
+) -> None:
     """Require the plan's tensors to be parameters of the model, with the same shapes.
 
     Args:
         plan: The plan.
         shapes: Parameter name → shape of the model being trained.
+        buffers: Names of the model's buffers: stored float buffers (an attention mask in
+            old checkpoints) are in a plan but are not trained, so they are not checked.
 
     Raises:
         CheckpointError: Listing every missing parameter and shape mismatch.
     """
     problems = []
     for t in plan.tensors:
+        if t.name in buffers:
+            continue
         if t.name not in shapes:
             problems.append(f"{t.name!r} is in the plan but not a parameter of the model")
         elif tuple(shapes[t.name]) != tuple(t.shape):

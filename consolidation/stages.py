@@ -160,7 +160,8 @@ def consolidate(
         for task, rows in samples.items()
     }
     model, dtype = load_for_training(cfg.model)
-    check_plan_matches_model(plan, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    check_plan_matches_model(plan, shapes, {n for n, _ in model.named_buffers()})
     total = sum(p.numel() for p in model.parameters())
     collate = pad_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
@@ -176,7 +177,8 @@ def consolidate(
         if cfg.training.optimizer_state == "reset":
             optimizer = build_optimizer(model, cfg.training)
         earlier = [t for g in groups[: index - 1] for t in g] if cfg.freeze != "none" else []
-        freezer = ExactFreezer(model, core_positions(plan, earlier, progress=progress))
+        positions = core_positions(plan, earlier, progress=progress)
+        freezer = ExactFreezer(model, {n: p for n, p in positions.items() if n in shapes})
         freezer.attach(optimizer)
         stage_data = torch.utils.data.ConcatDataset([datasets[t] for t in group])
         trainer = run_stage(

@@ -246,3 +246,15 @@ def test_cli_routes_run_and_probe(world, tmp_path):
     bad.write_text(yaml.safe_dump({"model": str(world["base"]), "data": {"../x": "a.jsonl"}}))
     result = CliRunner().invoke(main, ["probe", str(bad), str(tmp_path / "p")])
     assert result.exit_code == 2 and "plain folder names" in result.output
+
+
+def test_plan_check_skips_stored_buffers(world):
+    from consolidation.masks import check_plan_matches_model
+
+    plan = CorePlan.load(world["merged"])
+    shapes = {t.name: tuple(t.shape) for t in plan.tensors}
+    buffer = plan.tensors[0].name
+    del shapes[buffer]
+    check_plan_matches_model(plan, shapes, {buffer})  # a stored float buffer: not trained
+    with pytest.raises(CpiError, match=f"{buffer}.*not a parameter"):
+        check_plan_matches_model(plan, shapes)
