@@ -139,7 +139,10 @@ def _describe(error: dict[str, Any], allowed: dict[str, list[str]]) -> str:
     if error["type"] == "extra_forbidden":
         parent = ".".join(str(p) for p in error["loc"][:-1] if not isinstance(p, int))
         names = allowed.get(parent, [])
-        return f"{where}: unknown key (allowed here: {', '.join(names)})"
+        hint = ""
+        if parent == "parameters" and error["loc"][-1] in allowed["models.parameters"]:
+            hint = f"; {error['loc'][-1]} is set per model, under models[].parameters"
+        return f"{where}: unknown key (allowed here: {', '.join(names)}){hint}"
     if error["type"] == "literal_error" and error["loc"] == ("merge_method",):
         return f"merge_method: {error['input']!r} is not this tool's method (expected 'cpi')"
     if error["type"] == "value_error":

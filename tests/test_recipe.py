@@ -65,6 +65,7 @@ def test_all_problems_reported_together():
         (recipe(parameters={"tau": float("nan")}), "tau"),
         (recipe(dtype="int8"), "dtype"),
         (recipe(slices=[]), "slices: unknown key"),
+        (recipe(parameters={"fusion_base": 2}), "fusion_base is set per model"),
     ],
 )
 def test_bad_recipes(doc, message):
