@@ -188,8 +188,30 @@ def test_plan_for_another_model_is_refused(world, tmp_path):
         consolidate(cfg, tmp_path / "never", progress=False)
 
 
-def test_two_processes_with_gloo(world, tmp_path):
-    """torchrun, 2 CPU processes: same masks and weights on every rank, exact freezing."""
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+    # accelerate's multi-process launcher; `--cpu` alone would start a single process
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29518",
+    ],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_with_gloo(world, tmp_path, launcher):
+    """2 CPU processes: same masks and weights on every rank, exact freezing."""
     import subprocess
     import sys
 
@@ -197,20 +219,7 @@ def test_two_processes_with_gloo(world, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "consolidation.cli",
-            str(cfg),
-            str(out),
-            "-q",
-        ],
+        [sys.executable, *LAUNCHERS[launcher], "-m", "consolidation.cli", str(cfg), str(out), "-q"],
         capture_output=True,
         text=True,
         env=env,
