@@ -119,6 +119,14 @@ def _header(cfg: ConsolidationConfig, total: int) -> dict:
     }
 
 
+def _union(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per tensor, the sorted union of two sets of int32 positions."""
+    out = dict(a)
+    for name, positions in b.items():
+        out[name] = torch.unique(torch.cat([a[name], positions])) if name in a else positions
+    return out
+
+
 def consolidate(
     config: ConsolidationConfig | str | Path,
     out_dir: str | Path,
@@ -167,6 +175,8 @@ def consolidate(
 
     optimizer = build_optimizer(model, cfg.training)
     records: list[StageRecord] = []
+    frozen: dict[str, torch.Tensor] = {}  # union of the cores of the groups before this stage
+    frozen_groups = 0
     for index, group in enumerate(groups, 1):
         stage_dir = work / f"stage-{index}"
         if (stage_dir / STAGE_DONE / "record.json").exists():
@@ -176,9 +186,11 @@ def consolidate(
             continue
         if cfg.training.optimizer_state == "reset":
             optimizer = build_optimizer(model, cfg.training)
-        earlier = [t for g in groups[: index - 1] for t in g] if cfg.freeze != "none" else []
-        positions = core_positions(plan, earlier, progress=progress)
-        freezer = ExactFreezer(model, {n: p for n, p in positions.items() if n in shapes})
+        if cfg.freeze != "none":  # each group's cores are streamed once, when first needed
+            for group_done in groups[frozen_groups : index - 1]:
+                frozen = _union(frozen, core_positions(plan, group_done, progress=progress))
+            frozen_groups = max(frozen_groups, index - 1)
+        freezer = ExactFreezer(model, {n: p for n, p in frozen.items() if n in shapes})
         freezer.attach(optimizer)
         stage_data = torch.utils.data.ConcatDataset([datasets[t] for t in group])
         trainer = run_stage(
