@@ -192,10 +192,9 @@ class SeedRun:
                 self.s.batch,
                 steps_per_task=steps_per_task or self.s.consolidation_steps_per_task,
                 optimizer_state=optimizer_state,
+                logging_steps=5,
             ),
         }
-        cfg["training"].pop("max_steps_per_stage")
-        cfg["training"]["logging_steps"] = 5
         consolidate(self._yaml(f"{name}.yml", cfg), out, force=True, progress=self.progress)
         return out
 

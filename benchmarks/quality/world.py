@@ -90,19 +90,20 @@ QUICK = replace(
 )
 
 
-def training(steps: int, lr: float, batch: int, **extra) -> dict:
-    """A ``training:`` section for the product's configs."""
-    return {
+def training(steps: int | None, lr: float, batch: int, **extra) -> dict:
+    """A ``training:`` section for the product's configs (``steps``: per stage, if given)."""
+    section = {
         "learning_rate": lr,
-        "max_steps_per_stage": steps,
         "per_device_train_batch_size": batch,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "max_length": 32,
         "logging_steps": max(1, (steps or 50) // 10),
         "lr_scheduler_type": "constant",
-        **extra,
     }
+    if steps is not None:
+        section["max_steps_per_stage"] = steps
+    return {**section, **extra}
 
 
 def task_data(root: Path, setting: Setting, seed: int) -> tuple[dict[str, Path], dict[str, list]]:
