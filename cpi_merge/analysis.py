@@ -27,6 +27,7 @@ from cpi_merge.core_select import (
 from cpi_merge.delta_stream import DEFAULT_CHUNK_ENTRIES, DeltaStream
 from cpi_merge.errors import CheckpointError, RecipeError
 from cpi_merge.grouping import StageOrder, group_tasks, jaccard_matrix, order_stages
+from cpi_merge.known_cores import KnownCores
 from cpi_merge.output_dir import check_output_location, staged_output
 from cpi_merge.plan import PLAN_FILE, CorePlan, TaskCore, TensorRecord, threshold_record
 from cpi_merge.recipe import CpiRecipe, load_recipe, torch_dtype
@@ -207,6 +208,34 @@ def run_analysis(
     chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
 ) -> CorePlan:
     """Stream the opened models and compute the exact plan (see :func:`analyze`)."""
+    plan, _ = run_analysis_keeping_cores(
+        opened,
+        seed=seed,
+        order=order,
+        strategy=strategy,
+        memory_budget=memory_budget,
+        progress=progress,
+        chunk_entries=chunk_entries,
+    )
+    return plan
+
+
+def run_analysis_keeping_cores(
+    opened: OpenedModels,
+    *,
+    seed: int = 0,
+    order: StageOrder = "random",
+    strategy: Strategy = "auto",
+    memory_budget: int | None = None,
+    progress: bool = True,
+    chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
+) -> tuple[CorePlan, KnownCores | None]:
+    """:func:`run_analysis`, also returning the core positions when the strategy kept them.
+
+    Returns:
+        The plan, and each task's core positions per tensor (``buffer`` strategy; None
+        for ``histogram``), for the merge method to use instead of finding them again.
+    """
     if order not in ("random", "given"):
         raise RecipeError(f"order {order!r} is not one of 'random', 'given'")
     if strategy not in ("auto", "buffer", "histogram"):
@@ -247,7 +276,15 @@ def run_analysis(
         )
     for ckpt in [opened.base, *opened.models]:
         ckpt.close()  # release the mapped shards before whatever comes next (the merge)
-    return build_plan(opened, selection, stream, k=k, seed=seed, order=order, strategy=chosen)
+    plan = build_plan(opened, selection, stream, k=k, seed=seed, order=order, strategy=chosen)
+    cores = None
+    if selection.positions is not None:
+        cores = KnownCores.from_global(
+            selection.thresholds,
+            selection.positions,
+            [(t.name, t.numel) for t in opened.tensors],
+        )
+    return plan, cores
 
 
 def plan_from_thresholds(opened: OpenedModels, thresholds: list[float]) -> CorePlan:

@@ -61,12 +61,15 @@ class CoreSelection:
         thresholds: ``t_i`` per task: the k-th largest Δi, a float32 value held exactly.
         counts: int64 array (tasks × tensors): core entries of task i in tensor j.
         intersections: int64 array (tasks × tasks): ``|Ci ∩ Cj|``; the diagonal is ``|Ci|``.
+        positions: Per task, the sorted global indices of its core entries, when the
+            strategy holds them at the end (``buffer``); else None.
 
     """
 
     thresholds: tuple[float, ...]
     counts: np.ndarray
     intersections: np.ndarray
+    positions: tuple[np.ndarray, ...] | None = None
 
     @property
     def core_counts(self) -> tuple[int, ...]:
@@ -260,7 +263,7 @@ def select_cores_buffer(
             intersections[i, j] = intersections[j, i] = _sorted_intersection_size(
                 cores[i], cores[j]
             )
-    return CoreSelection(tuple(thresholds), counts, intersections)
+    return CoreSelection(tuple(thresholds), counts, intersections, tuple(cores))
 
 
 def select_cores_histogram(

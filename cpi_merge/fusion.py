@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cpi_merge.errors import NonFiniteError
+from cpi_merge.errors import CheckpointError, NonFiniteError
 
 CHUNK_ENTRIES = 1 << 22
 _GRAM_BLOCK = 1024
@@ -51,40 +51,95 @@ class _Workspace(threading.local):
 
 
 _WORKSPACE = _Workspace()
+_NO_POSITIONS = torch.empty(0, dtype=torch.int64)
 
 
-def _core_claims(
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise if ``x`` holds NaN/Inf: one dot product, a full check only if it overflows."""
+    if not math.isfinite(float(torch.dot(x, x))) and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} holds NaN/Inf")
+
+
+Claim = tuple[int, torch.Tensor, torch.Tensor]
+"""(model index, ascending positions it claims, its |θi − θ0| there)."""
+
+
+def _claims(
     base: torch.Tensor,
     values: Sequence[torch.Tensor],
     thresholds: Sequence[float | None],
-    scratch: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions that are in some core (ascending) and the model that owns each.
+    scratch: torch.Tensor,
+    mask: torch.Tensor,
+) -> list[Claim]:
+    """Every task's claims on a float32 chunk: the entries with ``|θi − θ0| >= t_i``.
 
-    Full-size work per task is one difference, one comparison and one ``nonzero``; the
-    competition between tasks touches only the claimed positions.
+    Full-size work per task is one difference and one maximum, plus one comparison and
+    one ``nonzero`` where the maximum reaches ``t_i``.
 
     Raises:
         NonFiniteError: θ0 or a task holds NaN/Inf in this chunk.
     """
-    n = base.numel()
-    owner = _WORKSPACE.take("owner", n, torch.int16).fill_(-1)
-    best = _WORKSPACE.take("best", n, torch.float32).zero_()
+    claims = []
     for i, (v, t) in enumerate(zip(values, thresholds, strict=True)):
         if t is None:
             continue
         # Same float32 arithmetic as the analysis; never in place (inputs are borrowed).
         delta = torch.sub(v, base, out=scratch).abs_()
-        if not math.isfinite(float(delta.max())):
+        top = float(delta.max())  # NaN if any entry is NaN
+        if not math.isfinite(top):
             raise NonFiniteError("θ0 or a task model holds NaN/Inf")
-        at = (delta >= t).nonzero().squeeze(1)
-        claim = delta[at]
-        # t > 0, so a claim beats the initial 0; strict '>' leaves ties to the first task.
-        wins = at[claim > best[at]]
-        owner[wins] = i
-        best[wins] = delta[wins]
-    at = (owner >= 0).nonzero().squeeze(1)
-    return at, owner[at]
+        if top >= t:  # else nothing to claim here (often: cores cluster in few tensors)
+            at = torch.ge(delta, t, out=mask).nonzero().squeeze(1)
+            claims.append((i, at, delta[at]))
+    return claims
+
+
+def _known_claims(
+    base: torch.Tensor,
+    flats: Sequence[torch.Tensor],
+    thresholds: Sequence[float | None],
+    positions: Sequence[torch.Tensor | None],
+) -> list[Claim]:
+    """Claims at core positions found by the analysis: Δ computed there only.
+
+    Raises:
+        CheckpointError: Δ is below ``t_i`` at a given position: the values are not the
+            ones that were analysed (a checkpoint changed during the run).
+    """
+    claims = []
+    for i, (t, at) in enumerate(zip(thresholds, positions, strict=True)):
+        if at is None or t is None:
+            continue
+        delta = flats[i][at].float().sub_(base[at].float()).abs_()
+        if at.numel() and not float(delta.min()) >= t:
+            raise CheckpointError(
+                f"model {i} differs from what the core analysis read (|Δ| < t at a core "
+                "position): did a checkpoint change during the run?"
+            )
+        claims.append((i, at, delta))
+    return claims
+
+
+def _owners(claims: Sequence[Claim]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Claimed positions (ascending) and their owner: the largest Δ, ties to the first model.
+
+    Only the claimed positions are touched, never a full-size buffer.
+    """
+    claims = [c for c in claims if c[1].numel()]
+    if not claims:
+        return _NO_POSITIONS, torch.empty(0, dtype=torch.int64)
+    if len(claims) == 1:
+        i, at, _ = claims[0]
+        return at, torch.full_like(at, i)
+    at = torch.cat([c[1] for c in claims])
+    delta = torch.cat([c[2] for c in claims])
+    model = torch.cat([torch.full_like(c[1], c[0]) for c in claims])
+    positions, slot = torch.unique(at, sorted=True, return_inverse=True)
+    best = torch.full((positions.numel(),), -math.inf).scatter_reduce_(0, slot, delta, "amax")
+    tied_best = delta == best[slot]
+    owner = torch.full_like(positions, 1 + max(c[0] for c in claims))  # every slot gets one
+    owner.scatter_reduce_(0, slot[tied_best], model[tied_best], "amin")
+    return positions, owner
 
 
 def core_owner(
@@ -100,11 +155,17 @@ def core_owner(
     Returns:
         int16 tensor shaped like ``theta0``.
     """
-    at, owner = _core_claims(
-        theta0.float().reshape(-1), [m.float().reshape(-1) for m in models], thresholds
+    base = theta0.float().reshape(-1)
+    claims = _claims(
+        base,
+        [m.float().reshape(-1) for m in models],
+        thresholds,
+        torch.empty_like(base),
+        torch.empty(base.numel(), dtype=torch.bool),
     )
+    at, owner = _owners(claims)
     result = torch.full((theta0.numel(),), -1, dtype=torch.int16)
-    result[at] = owner
+    result[at] = owner.to(torch.int16)
     return result.reshape(theta0.shape)
 
 
@@ -172,6 +233,7 @@ def fuse_tensor(
     fusion_base: int,
     epsilon: float,
     chunk_entries: int = CHUNK_ENTRIES,
+    core_positions: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Fuse one tensor: core entries copied from their task, the rest SLERP-folded.
 
@@ -183,9 +245,16 @@ def fuse_tensor(
         fusion_base: Index of θbase in ``models``.
         epsilon: Colinearity angle for SLERP.
         chunk_entries: Entries per float32 work chunk.
+        core_positions: Optional, per model: the ascending flat positions where
+            ``|θi − θ0| >= t_i`` (``None`` for models that are not tasks), as found by an
+            analysis of these same values that also checked θ0 and the tasks for NaN/Inf.
+            The result is the same; only the full-size comparisons are skipped.
 
     Returns:
         The fused tensor, in the fusion base's dtype. Inputs are not modified.
+
+    Raises:
+        NonFiniteError: A model (or θ0, when ``core_positions`` is not given) holds NaN/Inf.
     """
     n_models = len(models)
     base_flat = theta0.reshape(-1)
@@ -193,45 +262,69 @@ def fuse_tensor(
     total = base_flat.numel()
     width = min(chunk_entries, max(total, 1))
     rows = _WORKSPACE.take("rows", n_models * width, torch.float32).view(n_models, width)
-    base_buf = _WORKSPACE.take("base", width, torch.float32)
-    scratch = _WORKSPACE.take("scratch", width, torch.float32)
 
     others = [i for i, t in enumerate(thresholds) if t is None]
+    known_at = known_of = None
+    if core_positions is not None:
+        claims = _known_claims(base_flat, flats, thresholds, core_positions)
+        known_at, known_of = _owners(claims)
+        edges = torch.arange(0, total + chunk_entries, chunk_entries)
+        bounds = torch.searchsorted(known_at, edges).tolist()
+    else:
+        base_buf = _WORKSPACE.take("base", width, torch.float32)
+        scratch = _WORKSPACE.take("scratch", width, torch.float32)
+        mask = _WORKSPACE.take("mask", width, torch.bool)
 
-    # Pass 1: core owners (kept only where there is a core) and the non-core Gram matrix.
+    # Pass 1: core owners and the Gram matrix of the non-core entries.
     gram = np.zeros((n_models, n_models))
     core_at, core_of = [], []
-    for start in range(0, total, chunk_entries):
+    for index, start in enumerate(range(0, total, chunk_entries)):
         stop = min(start + chunk_entries, total)
         m = stop - start
         v = rows[:, :m]
         for i, flat in enumerate(flats):
             v[i].copy_(flat[start:stop])
-        base = base_buf[:m].copy_(base_flat[start:stop])
-        for i in others:  # tasks are checked through their Δ in _core_claims
-            if not math.isfinite(float(v[i].abs().max())):
-                raise NonFiniteError("a model that is not a task holds NaN/Inf")
-        at, owner = _core_claims(base, list(v), thresholds, scratch[:m])
-        if at.numel():
-            v.index_fill_(1, at, 0.0)
+        if known_at is None:
+            base = base_buf[:m].copy_(base_flat[start:stop])
+            _check_finite(base, "θ0")
+            claims = _claims(base, list(v), thresholds, scratch[:m], mask[:m])
+            at, owner = _owners(claims)
             core_at.append(at + start)
             core_of.append(owner)
+        else:
+            at = known_at[bounds[index] : bounds[index + 1]] - start
+        if at.numel():
+            # Zeroing hides these columns from the Gram check below: look at them first
+            # (tasks were already checked through their Δ).
+            for i in others:
+                if not bool(torch.isfinite(v[i].index_select(0, at)).all()):
+                    raise NonFiniteError("a model that is not a task holds NaN/Inf")
+            v.index_fill_(1, at, 0.0)
         gram += _gram(v)
     if not np.isfinite(gram).all():
         raise NonFiniteError("a model holds NaN/Inf (or the norms overflow)")
-    coef = torch.from_numpy(fold_coefficients(gram, fusion_base, omegas, epsilon)).float()
+    coef = fold_coefficients(gram, fusion_base, omegas, epsilon).astype(np.float32).tolist()
 
     # Pass 2: the fold as one linear combination, then the core entries copied bit for bit.
     result = torch.empty(total, dtype=models[fusion_base].dtype)
+    folded = _WORKSPACE.take("folded", width, torch.float32)
     for start in range(0, total, chunk_entries):
         stop = min(start + chunk_entries, total)
         v = rows[:, : stop - start]
         if total > chunk_entries:  # one chunk: the rows of pass 1 are still there
             for i, flat in enumerate(flats):
                 v[i].copy_(flat[start:stop])
-        result[start:stop].copy_(coef @ v)  # core entries (zeroed in pass 1) set below
-    if core_at:
+        # Σ c_m v_m, row by row (faster than a matrix-vector product on CPU); core
+        # entries (zeroed in pass 1) are set below.
+        acc = torch.mul(v[0], coef[0], out=folded[: stop - start])
+        for i in range(1, n_models):
+            acc.add_(v[i], alpha=coef[i])
+        result[start:stop].copy_(acc)
+    if known_at is None:
         at, of = torch.cat(core_at), torch.cat(core_of)
+    else:
+        at, of = known_at, known_of
+    if at.numel():
         for i, t in enumerate(thresholds):
             if t is not None:
                 mine = at[of == i]

@@ -27,11 +27,12 @@ from cpi_merge.analysis import (
     Strategy,
     open_models,
     plan_from_thresholds,
-    run_analysis,
+    run_analysis_keeping_cores,
     write_plan_files,
 )
 from cpi_merge.errors import OutputError, RecipeError
 from cpi_merge.grouping import StageOrder
+from cpi_merge.known_cores import known_cores
 from cpi_merge.model_card import cpi_card_section
 from cpi_merge.output_dir import check_output_location, staged_output
 from cpi_merge.plan import CorePlan
@@ -211,8 +212,9 @@ def merge(
         {role: pool.submit(_hash_folder, Path(c.path)) for role, c in refs} if checksums else {}
     )
     try:
+        cores = None
         if given is None:
-            plan = run_analysis(
+            plan, cores = run_analysis_keeping_cores(
                 opened,
                 seed=seed,
                 order=order,
@@ -230,7 +232,9 @@ def merge(
         options = _without_missing_tokenizer(options, opened.base.path)
         with staged_output(out_dir, force=force, inputs=opened.local_folders) as tmp:
             pictures = pool.submit(write_plan_files, plan, tmp)
-            run_merge(config, str(tmp), options=options, config_source=config_source)
+            with known_cores(cores):
+                run_merge(config, str(tmp), options=options, config_source=config_source)
+            del cores  # free before the checksums and card
             _check_tokenizer(opened.base.path, tmp, options.copy_tokenizer)
             pictures.result()
             card = tmp / "README.md"

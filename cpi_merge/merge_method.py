@@ -27,8 +27,9 @@ from mergekit.merge_methods import (
     registered_methods,
 )
 
-from cpi_merge.errors import CpiError, NonFiniteError, RecipeError
+from cpi_merge.errors import CheckpointError, CpiError, RecipeError
 from cpi_merge.fusion import fuse_tensor
+from cpi_merge.known_cores import active_known_cores
 from cpi_merge.recipe import DEFAULT_EPSILON, METHOD_NAME
 
 PAPER_URL = "https://arxiv.org/abs/2508.21741"
@@ -79,6 +80,7 @@ def cpi_fusion(
     omegas = [float(omega[e.id]) for e in entries]
     if any(not 0.0 <= w <= 1.0 for w in omegas):
         raise RecipeError(f"omega must be in [0, 1]; got {omegas}")
+    known = active_known_cores()
     try:
         return fuse_tensor(
             theta0,
@@ -87,9 +89,10 @@ def cpi_fusion(
             omegas=omegas,
             fusion_base=flagged[0] if flagged else len(entries) - 1,
             epsilon=float(epsilon),
+            core_positions=known.for_tensor(name, thresholds, theta0.numel()) if known else None,
         )
-    except NonFiniteError as exc:
-        raise NonFiniteError(f"tensor {name}: {exc}; no output was written") from None
+    except CheckpointError as exc:
+        raise type(exc)(f"tensor {name}: {exc}; no output was written") from None
 
 
 def register_cpi_method() -> MergeMethod:

@@ -10,7 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpi_merge.errors import CheckpointError
 from cpi_merge.fusion import core_owner, fuse_tensor
+from cpi_merge.known_cores import KnownCores
 
 EPS = math.acos(0.9995)
 
@@ -77,8 +79,28 @@ def check(theta0, models, thresholds, omegas, fb, dtype):
     diff = (got[rest].double() - r).abs()
     assert torch.all(diff <= 4 * eps * (r.abs() + rms) + 1e-30), float(diff.max())
     assert torch.isfinite(got.float()).all()
+    known = fuse_tensor(
+        theta0,
+        models,
+        thresholds=thresholds,
+        omegas=omegas,
+        fusion_base=fb,
+        epsilon=EPS,
+        core_positions=core_positions(theta0, models, thresholds),
+    )
+    assert torch.equal(known, got)  # cores handed over by an analysis: the same result
     for a, b in zip(before, [theta0, *models]):  # inputs are borrowed, never modified
         assert torch.equal(a, b)
+
+
+def core_positions(theta0, models, thresholds):
+    """Each task's own core (before tasks compete), as an analysis hands it over."""
+    return [
+        None
+        if t is None
+        else ((m.float() - theta0.float()).abs() >= t).reshape(-1).nonzero().squeeze(1)
+        for m, t in zip(models, thresholds)
+    ]
 
 
 @st.composite
@@ -189,3 +211,34 @@ def test_every_entry_core_leaves_nothing_to_fold():
         epsilon=EPS,
     )
     assert out.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_known_cores_that_do_not_match_the_values_are_refused():
+    """A checkpoint that changed after the analysis must not be merged with stale cores."""
+    theta0 = torch.zeros(6)
+    a = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.0, 0.0])
+    kw = dict(thresholds=[1.0, None], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS)
+    ok = fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 3]), None], **kw)
+    assert torch.equal(ok, fuse_tensor(theta0, [a, a], **kw))
+    with pytest.raises(CheckpointError, match="model 0 differs from what the core analysis read"):
+        fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 1]), None], **kw)
+
+
+def test_known_cores_split_by_tensor_and_only_apply_to_the_same_thresholds():
+    rng = np.random.default_rng(0)
+    sizes = [("a", 5), ("b", 1), ("c", 9)]
+    total = sum(n for _, n in sizes)
+    cores = [np.sort(rng.choice(total, 6, replace=False)), np.array([0, 5, 14])]
+    known = KnownCores.from_global([0.5, 0.25], cores, sizes)
+    start = 0
+    for name, n in sizes:
+        got = known.for_tensor(name, [0.5, None, 0.25], n)
+        assert got[1] is None
+        for want, have in zip(cores, [got[0], got[2]]):
+            mine = want[(want >= start) & (want < start + n)] - start
+            assert have.dtype == torch.int64 and have.tolist() == mine.tolist()
+        start += n
+    assert known.for_tensor("a", [0.5, 0.26], 5) is None  # other thresholds
+    assert known.for_tensor("a", [0.5], 5) is None  # other tasks
+    assert known.for_tensor("a", [0.5, 0.25], 6) is None  # other size
+    assert known.for_tensor("lm_head.weight", [0.5, 0.25], 5) is None  # not analysed

@@ -125,16 +125,36 @@ def test_fusion_base_flag_omega_and_non_task_model(tmp_path):
     assert "core_threshold" in resolved and "fusion_base: 1" in resolved
 
 
+def _count_core_lookups(monkeypatch) -> list[bool]:
+    """Record, per tensor the merge method fuses, whether it used the analysed cores."""
+    from cpi_merge.known_cores import KnownCores
+
+    used = []
+    real = KnownCores.for_tensor
+
+    def spy(self, *a, **k):
+        found = real(self, *a, **k)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(KnownCores, "for_tensor", spy)
+    return used
+
+
 def test_given_thresholds_skip_the_analysis_and_give_the_same_model(tmp_path, monkeypatch):
+    """Same model whether the cores come from the analysis or are found again per entry."""
     base, tasks = make_hf_family(tmp_path, "llama", dtype=torch.bfloat16)
     recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.05)
+    used = _count_core_lookups(monkeypatch)
     first = merged(recipe, tmp_path / "a").plan
+    assert used and all(used)  # every tensor took the analysed cores...
+    used.clear()
     import cpi_merge.merge as merge_module
 
     def no_analysis(*a, **k):
         raise AssertionError("analysis ran although every threshold was given")
 
-    monkeypatch.setattr(merge_module, "run_analysis", no_analysis)
+    monkeypatch.setattr(merge_module, "run_analysis_keeping_cores", no_analysis)
     given = write_recipe(
         tmp_path / "g.yml",
         base,
@@ -142,9 +162,14 @@ def test_given_thresholds_skip_the_analysis_and_give_the_same_model(tmp_path, mo
         core_fraction=0.05,
     )
     plan = merged(given, tmp_path / "b").plan
+    assert used == []  # ...and here none were available: every entry compared again
     assert plan.source == "recipe" and plan.groups is None
     a, b = load_folder(tmp_path / "a"), load_folder(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.undo()
+    merged(recipe, tmp_path / "c", strategy="histogram")  # keeps no positions
+    c = load_folder(tmp_path / "c")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_some_thresholds_given_is_an_error(tmp_path):
