@@ -21,6 +21,8 @@ from cpi_merge.checkpoints import Checkpoint, TensorInfo, check_compatible, open
 from cpi_merge.core_select import (
     BUFFER_BYTES_PER_CORE_ENTRY,
     CoreSelection,
+    CutTooHighError,
+    estimate_cuts,
     select_cores_buffer,
     select_cores_histogram,
 )
@@ -258,13 +260,27 @@ def run_analysis_keeping_cores(
         memory_budget=memory_budget if memory_budget is not None else default_memory_budget(),
     )
     if chosen == "buffer":
-        selection = select_cores_buffer(
-            stream("core regions"),
-            k=k,
-            tensor_offsets=stream.offsets,
-            labels=labels,
-            total=stream.total,
-        )
+        # Start each task's buffer at a cut guessed from a small sample, so that few
+        # entries below the final threshold are ever buffered; exact whatever the guess.
+        cuts = estimate_cuts(stream.sample(), k=k, total=stream.total)
+        try:
+            selection = select_cores_buffer(
+                stream("core regions"),
+                k=k,
+                tensor_offsets=stream.offsets,
+                labels=labels,
+                total=stream.total,
+                cuts=cuts,
+            )
+        except CutTooHighError:
+            LOG.info("a sampled starting cut was too high; selecting again from 0")
+            selection = select_cores_buffer(
+                stream("core regions (again)"),
+                k=k,
+                tensor_offsets=stream.offsets,
+                labels=labels,
+                total=stream.total,
+            )
     else:
         passes = iter(["pass 1/3: histogram", "pass 2/3: threshold", "pass 3/3: overlaps"])
         selection = select_cores_histogram(

@@ -19,6 +19,7 @@ model, which is reported as a :class:`DegenerateTaskError` instead.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -141,9 +142,10 @@ class _TopKBuffer:
     place when it reaches 2k entries, so a prune allocates only the kept entries.
     """
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, cut: float = 0.0):
         self.k = k
-        self.cut = 0.0  # every entry >= cut (and > 0) seen so far is in the buffer
+        self.cut = cut  # every entry >= cut (and > 0) seen so far is in the buffer
+        self.initial_cut = cut
         self.values = torch.empty(0, dtype=torch.float32)
         self.indices = torch.empty(0, dtype=torch.int64)
         self.size = 0
@@ -161,7 +163,12 @@ class _TopKBuffer:
         self.values, self.indices = values, indices
 
     def add(self, delta: torch.Tensor, offset: int) -> None:
-        mask = delta >= self.cut if self.cut > 0 else delta > 0
+        if self.cut > 0:
+            if float(delta.max()) < self.cut:  # most chunks, once the cut is high
+                return
+            mask = delta >= self.cut
+        else:
+            mask = delta > 0
         local = mask.nonzero().squeeze(1)
         n = local.numel()
         if n == 0:
@@ -192,8 +199,14 @@ class _TopKBuffer:
         self.prune_at = max(2 * self.k, 2 * self.size)
 
     def finish(self) -> tuple[int, float | None, np.ndarray]:
-        """Return (positive entries buffered, threshold or None, sorted core indices)."""
+        """Return (positive entries buffered, threshold or None, sorted core indices).
+
+        Raises:
+            CutTooHighError: Started from a cut that fewer than k entries reach.
+        """
         values, indices = self.values[: self.size], self.indices[: self.size]
+        if self.size < self.k and self.initial_cut > 0:
+            raise CutTooHighError(self.initial_cut)
         if self.size < self.k:
             return self.size, None, np.empty(0, dtype=np.int64)
         threshold = kth_largest(values, self.k)
@@ -202,6 +215,40 @@ class _TopKBuffer:
         if core.size > 1 and not (core[1:] > core[:-1]).all():
             core = np.sort(core)
         return values.numel(), threshold, core
+
+
+class CutTooHighError(Exception):
+    """A starting cut turned out above the k-th largest Δ: select again from 0."""
+
+
+def estimate_cuts(
+    samples: Sequence[torch.Tensor], *, k: int, total: int, headroom: float = 1.5
+) -> list[float]:
+    """Starting cuts for :func:`select_cores_buffer` from a sample of every task's Δ.
+
+    The cut is the sample's value at rank ``headroom · k · len(sample) / total``: about
+    ``headroom · k`` entries of the whole stream should reach it. It only has to be a
+    good guess: the selection stays exact whatever the cut (a cut that fewer than k
+    entries reach is detected and the selection redone from 0).
+
+    Args:
+        samples: Per task, |Δ| at sampled positions (float32, finite or not).
+        k: Entries per core.
+        total: Entries in the whole stream.
+        headroom: How many times k entries the cut should let through.
+
+    Returns:
+        One cut per task; 0.0 (no cut) where the sample is too small to tell.
+    """
+    cuts = []
+    for sample in samples:
+        rank = math.ceil(headroom * k * sample.numel() / max(total, 1))
+        finite = bool(torch.isfinite(sample).all())
+        if rank < 64 or not finite or int(torch.count_nonzero(sample)) < rank:
+            cuts.append(0.0)
+        else:
+            cuts.append(kth_largest(sample, rank))
+    return cuts
 
 
 def _sorted_intersection_size(a: np.ndarray, b: np.ndarray) -> int:
@@ -221,6 +268,7 @@ def select_cores_buffer(
     tensor_offsets: Sequence[int],
     labels: Sequence[str],
     total: int,
+    cuts: Sequence[float] | None = None,
 ) -> CoreSelection:
     """Exact cores in one pass with a pruned running top-k buffer per task.
 
@@ -230,20 +278,25 @@ def select_cores_buffer(
         tensor_offsets: Global flat offset of each tensor's first entry, ascending.
         labels: One name per task, used in error messages.
         total: D, the number of entries in the stream.
+        cuts: Optional starting cut per task (see :func:`estimate_cuts`): entries below
+            it are never buffered. Exactness does not depend on it.
 
     Returns:
         The exact :class:`CoreSelection`.
 
     Raises:
         DegenerateTaskError: A task has fewer than k entries that differ from the base.
+        CutTooHighError: A starting cut was reached by fewer than k entries; run again
+            without ``cuts``.
 
     """
-    buffers = [_TopKBuffer(k) for _ in labels]
+    buffers = [_TopKBuffer(k, cut) for cut in (cuts or [0.0] * len(labels))]
     for chunk in chunks:
         for buffer, delta in zip(buffers, chunk.deltas, strict=True):
             buffer.add(delta, chunk.offset)
 
     starts = np.asarray(tensor_offsets, dtype=np.int64)
+    edges = np.append(starts, total)
     thresholds, cores = [], []
     counts = np.zeros((len(labels), len(starts)), dtype=np.int64)
     for i, (buffer, label) in enumerate(zip(buffers, labels, strict=True)):
@@ -252,8 +305,7 @@ def select_cores_buffer(
             raise _degenerate(label, positive, k, total)
         thresholds.append(threshold)
         cores.append(core)
-        tensor_of_entry = np.searchsorted(starts, core, side="right") - 1
-        counts[i] = np.bincount(tensor_of_entry, minlength=len(starts))
+        counts[i] = np.diff(np.searchsorted(core, edges))  # core is sorted
 
     n = len(labels)
     intersections = np.zeros((n, n), dtype=np.int64)

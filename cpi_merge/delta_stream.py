@@ -20,6 +20,8 @@ from cpi_merge.core_select import DeltaChunk
 from cpi_merge.errors import NonFiniteError
 
 DEFAULT_CHUNK_ENTRIES = 1 << 22
+DEFAULT_SAMPLE_ENTRIES = 1 << 22
+SAMPLE_BLOCK = 4096
 
 
 @dataclass
@@ -97,6 +99,47 @@ class DeltaStream:
         if self.cast is not None and x.dtype != self.cast:
             x = x.to(self.cast)
         return x.reshape(-1)
+
+    def sample(
+        self, entries: int = DEFAULT_SAMPLE_ENTRIES, block: int = SAMPLE_BLOCK
+    ) -> list[torch.Tensor]:
+        """|Δ| of every task at about ``entries`` positions spread over the whole stream.
+
+        The positions are contiguous blocks of ``block`` entries, evenly spaced
+        in every tensor (tensors smaller than a block are left out), so only those
+        blocks are read: a small fraction of a pass. When the stream holds no more than
+        ``entries`` entries, the sample is all of it. Values are neither checked nor
+        counted here (the pass that follows does that).
+
+        Returns:
+            One float32 tensor per task.
+        """
+        fraction = min(1.0, entries / max(self.total, 1))
+        parts: list[list[torch.Tensor]] = [[] for _ in self.tasks]
+        for info in self.tensors:
+            blocks = None  # None: the whole tensor
+            if fraction < 1.0:
+                rows = info.numel // block
+                take = round(info.numel * fraction / block)
+                if rows == 0 or take == 0:
+                    continue
+                blocks = (rows, max(1, rows // take), block)
+            base = self._sampled(self.base, info.name, blocks)
+            for part, task in zip(parts, self.tasks, strict=True):
+                part.append(self._sampled(task, info.name, blocks).sub_(base).abs_())
+        return [torch.cat(p) if p else torch.empty(0) for p in parts]
+
+    def _sampled(
+        self, ckpt: Checkpoint, name: str, blocks: tuple[int, int, int] | None
+    ) -> torch.Tensor:
+        """Every ``step``-th of ``rows`` blocks of ``size`` entries, cast, in float32."""
+        x = ckpt.get(name).reshape(-1)
+        if blocks is not None:
+            rows, step, size = blocks
+            x = x[: rows * size].view(rows, size)[::step].reshape(-1)
+        if self.cast is not None and x.dtype != self.cast:
+            x = x.to(self.cast)
+        return x.to(torch.float32, copy=True)  # a copy: the caller works on it in place
 
     def __call__(self, desc: str = "core regions") -> Iterator[DeltaChunk]:
         """Stream one pass.

@@ -153,3 +153,36 @@ def test_strategies_and_chunkings_agree_on_the_family(tiny_family, tmp_path):
     assert len(dumps) == 1
     assert plans[0].jaccard[0][1] > 0.05 and plans[0].jaccard[0][2] < 0.05
     assert sorted(plans[0].groups) == sorted([[str(tasks[0]), str(tasks[1])], [str(tasks[2])]])
+
+
+@pytest.mark.parametrize("cuts", ["partial_sample", "too_high"])
+def test_starting_cuts_never_change_the_result(tmp_path, monkeypatch, cuts):
+    """The sampled starting cut is a guess: from a partial sample, or too high (redone)."""
+    import cpi_merge.analysis as analysis
+    from cpi_merge.delta_stream import DeltaStream
+
+    shape = LlamaShape(vocab=48, hidden=16, intermediate=40, layers=2)
+    specs = [TaskSpec(hot_layers=[0], shared=0.7, seed=s) for s in (1, 2)]
+    base, tasks = make_family(tmp_path, shape, specs, shard_bytes=3000)
+    recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.2)
+    passes, used = [], []
+    real_call = DeltaStream.__call__
+    monkeypatch.setattr(
+        DeltaStream, "__call__", lambda self, *a: passes.append(a) or real_call(self, *a)
+    )
+    if cuts == "too_high":
+        monkeypatch.setattr(analysis, "estimate_cuts", lambda s, **kw: [1e30] * len(s))
+    else:
+        real_sample = DeltaStream.sample
+        monkeypatch.setattr(
+            DeltaStream, "sample", lambda self: real_sample(self, self.total // 10, block=8)
+        )
+        real_estimate = analysis.estimate_cuts
+        monkeypatch.setattr(
+            analysis, "estimate_cuts", lambda *a, **k: used.extend(real_estimate(*a, **k)) or used
+        )
+    plan = run(recipe, strategy="buffer", chunk_entries=100)
+    assert_plan_matches(plan, brute_force(load_folder(base), [load_folder(t) for t in tasks], 0.2))
+    assert len(passes) == (2 if cuts == "too_high" else 1)
+    if cuts == "partial_sample":
+        assert len(used) == 2 and all(0 < c < t for c, t in zip(used, plan.thresholds.values()))

@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpi_merge.core_select import (
+    CutTooHighError,
     DeltaChunk,
     count_cores,
+    estimate_cuts,
     float32_bits,
     float32_from_bits,
     select_cores_buffer,
@@ -60,6 +62,15 @@ def run(strategy, tensors, k, chunk):
         return select_cores_buffer(
             stream(), k=k, tensor_offsets=offsets_of(tensors), labels=labels, total=total
         )
+    if strategy == "buffer_cut":  # a starting cut, from below or above the threshold
+        full = [torch.cat([t[i] for t in tensors]) for i in range(len(labels))]
+        cuts = [float(d[(7 * k + i) % total]) for i, d in enumerate(full)]
+        kw = dict(k=k, tensor_offsets=offsets_of(tensors), labels=labels, total=total)
+        try:
+            return select_cores_buffer(stream(), cuts=cuts, **kw)
+        except CutTooHighError:  # what run_analysis does
+            assert any(c > float(torch.topk(d, k).values[-1]) for c, d in zip(cuts, full))
+            return select_cores_buffer(stream(), **kw)
     return select_cores_histogram(stream, k=k, n_tensors=len(tensors), labels=labels, total=total)
 
 
@@ -73,6 +84,10 @@ def check(strategy, tensors, k, chunk):
     assert [float32_bits(t) for t in got.thresholds] == [float32_bits(t) for t in thresholds]
     assert np.array_equal(got.counts, counts)
     assert np.array_equal(got.intersections, inter)
+    if strategy.startswith("buffer"):  # the buffer also hands over every core position
+        full = [torch.cat([t[i] for t in tensors]) for i in range(len(thresholds))]
+        for d, t, positions in zip(full, thresholds, got.positions):
+            assert positions.tolist() == (d >= t).nonzero().squeeze(1).tolist()
 
 
 @st.composite
@@ -102,7 +117,7 @@ def delta_sets(draw):
     return tensors, k, chunk
 
 
-@pytest.mark.parametrize("strategy", ["buffer", "histogram"])
+@pytest.mark.parametrize("strategy", ["buffer", "buffer_cut", "histogram"])
 @settings(max_examples=150, deadline=None)
 @given(case=delta_sets())
 def test_matches_topk_reference(strategy, case):
@@ -177,3 +192,15 @@ def test_kth_largest_equals_kthvalue(values, data):
     k = data.draw(st.integers(1, len(values)))
     expected = float(torch.kthvalue(t, len(values) - k + 1).values)
     assert kth_largest(t, k) == expected
+
+
+def test_estimated_cuts_let_about_headroom_times_k_through():
+    rng = np.random.default_rng(0)
+    full = torch.from_numpy(np.abs(rng.standard_normal(1_000_000)).astype(np.float32))
+    sample = full[::50]
+    k = 10_000
+    (cut,) = estimate_cuts([sample], k=k, total=full.numel(), headroom=1.5)
+    assert 1.3 * k < int((full >= cut).sum()) < 1.7 * k
+    # too small a sample to tell, or NaN in it: no cut
+    assert estimate_cuts([sample[:100]], k=k, total=full.numel()) == [0.0]
+    assert estimate_cuts([torch.tensor([float("nan")] * 10_000)], k=k, total=10_000) == [0.0]
