@@ -10,7 +10,6 @@ It appears only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from cpi_merge.analysis import (
     run_analysis_keeping_cores,
     write_plan_files,
 )
+from cpi_merge.checksums import folder_digests, hash_folder
 from cpi_merge.errors import OutputError, RecipeError
 from cpi_merge.grouping import StageOrder
 from cpi_merge.known_cores import known_cores
@@ -40,7 +40,6 @@ from cpi_merge.recipe import CpiRecipe, load_recipe
 
 LOG = logging.getLogger(__name__)
 MANIFEST_FILE = "cpi_manifest.json"
-_HASHED_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt", ".jinja")
 
 
 @dataclass(frozen=True)
@@ -118,22 +117,6 @@ def _absolute_local_paths(doc: dict) -> dict:
     return doc
 
 
-def _hash_file(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _hash_folder(folder: Path) -> dict[str, dict]:
-    return {
-        p.name: _hash_file(p)
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name.endswith(_HASHED_SUFFIXES)
-    }
-
-
 def _without_missing_tokenizer(options, base_path: str):
     """Don't ask mergekit to copy a tokenizer the base does not have (it would log a trace)."""
     has = any(
@@ -208,9 +191,7 @@ def merge(
     refs = [("base_model", opened.base)] + [
         (f"models[{i}]", c) for i, c in enumerate(opened.models)
     ]
-    hashes = (
-        {role: pool.submit(_hash_folder, Path(c.path)) for role, c in refs} if checksums else {}
-    )
+    hashes = {role: pool.submit(folder_digests, c.path) for role, c in refs} if checksums else {}
     try:
         cores = None
         if given is None:
@@ -256,7 +237,7 @@ def merge(
                     }
                     for role, c in refs
                 ],
-                "outputs": _hash_folder(tmp) if checksums else None,
+                "outputs": hash_folder(tmp) if checksums else None,
             }
             # Written last: a folder with a manifest is a complete one.
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
