@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 
 import yaml
@@ -28,10 +29,12 @@ def _reference(folder):
 
 
 def test_background_digests_equal_hashlib(tmp_path, monkeypatch):
-    monkeypatch.setattr(checksums, "_BLOCK", 1000)  # several blocks per file
-    big = os.urandom(10_500)
+    monkeypatch.setattr(checksums, "_WINDOW", mmap.PAGESIZE)  # several windows per file
+    big = os.urandom(3 * mmap.PAGESIZE + 100)
     folder = _folder(
-        tmp_path, "m", {"model.safetensors": big, "config.json": b"{}", "notes.md": b"x"}
+        tmp_path,
+        "m",
+        {"model.safetensors": big, "config.json": b"{}", "empty.txt": b"", "notes.md": b"x"},
     )
     checksums.start_background([folder, tmp_path / "missing"])
     got = checksums.folder_digests(folder)
