@@ -186,7 +186,7 @@ def merge(
     given = recipe_thresholds(recipe)
     register_cpi_method()
 
-    # Side work runs beside the merge: hashing the inputs, then drawing the pictures.
+    # Hashing (inputs now, the output at the end) runs beside the main thread's work.
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpi-merge")
     refs = [("base_model", opened.base)] + [
         (f"models[{i}]", c) for i, c in enumerate(opened.models)
@@ -212,12 +212,18 @@ def merge(
         config = MergeConfiguration.model_validate(resolved)
         options = _without_missing_tokenizer(options, opened.base.path)
         with staged_output(out_dir, force=force, inputs=opened.local_folders) as tmp:
-            pictures = pool.submit(write_plan_files, plan, tmp)
+            write_plan_files(plan, tmp, plots=False)  # cpi_plan.json, before the hashes
             with known_cores(cores):
                 run_merge(config, str(tmp), options=options, config_source=config_source)
-            del cores  # free before the checksums and card
+            del cores
             _check_tokenizer(opened.base.path, tmp, options.copy_tokenizer)
-            pictures.result()
+            # The pictures are pure Python: drawn beside the merge they slowed it down by
+            # holding the GIL; here they overlap with hashing the output, which does not.
+            outputs = pool.submit(hash_folder, tmp) if checksums else None
+            if plan.analysed:
+                from cpi_merge.plots import write_plots
+
+                write_plots(plan, tmp)  # PNG files: not among the hashed outputs
             card = tmp / "README.md"
             if options.write_model_card and card.exists():
                 # mergekit titles the card with the folder it wrote to: the temporary one.
@@ -237,7 +243,7 @@ def merge(
                     }
                     for role, c in refs
                 ],
-                "outputs": hash_folder(tmp) if checksums else None,
+                "outputs": outputs.result() if outputs else None,
             }
             # Written last: a folder with a manifest is a complete one.
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
