@@ -22,7 +22,6 @@ from cpi_merge.core_select import (
     BUFFER_BYTES_PER_CORE_ENTRY,
     CoreSelection,
     CutTooHighError,
-    estimate_cuts,
     select_cores_buffer,
     select_cores_histogram,
 )
@@ -33,6 +32,7 @@ from cpi_merge.known_cores import KnownCores
 from cpi_merge.output_dir import check_output_location, staged_output
 from cpi_merge.plan import PLAN_FILE, CorePlan, TaskCore, TensorRecord, threshold_record
 from cpi_merge.recipe import CpiRecipe, load_recipe, torch_dtype
+from cpi_merge.starting_cut import estimate_cuts
 
 LOG = logging.getLogger(__name__)
 Strategy = Literal["auto", "buffer", "histogram"]
@@ -218,6 +218,7 @@ def run_analysis(
         memory_budget=memory_budget,
         progress=progress,
         chunk_entries=chunk_entries,
+        keep_cores=False,
     )
     return plan
 
@@ -231,8 +232,19 @@ def run_analysis_keeping_cores(
     memory_budget: int | None = None,
     progress: bool = True,
     chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
+    keep_cores: bool = True,
 ) -> tuple[CorePlan, KnownCores | None]:
     """:func:`run_analysis`, also returning the core positions when the strategy kept them.
+
+    Args:
+        opened: The opened models.
+        seed: Seed of the random stage order.
+        order: ``"random"`` or ``"given"``.
+        strategy: ``"auto"``, ``"buffer"`` or ``"histogram"`` (see :func:`analyze`).
+        memory_budget: Bytes the buffer strategy may use.
+        progress: Show progress bars.
+        chunk_entries: Float32 scratch per buffer, in entries.
+        keep_cores: False returns None for the positions (and frees them at once).
 
     Returns:
         The plan, and each task's core positions per tensor (``buffer`` strategy; None
@@ -294,7 +306,7 @@ def run_analysis_keeping_cores(
         ckpt.close()  # release the mapped shards before whatever comes next (the merge)
     plan = build_plan(opened, selection, stream, k=k, seed=seed, order=order, strategy=chosen)
     cores = None
-    if selection.positions is not None:
+    if keep_cores and selection.positions is not None:
         cores = KnownCores.from_global(
             selection.thresholds,
             selection.positions,

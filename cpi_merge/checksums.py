@@ -39,8 +39,11 @@ def hash_file(path: str | os.PathLike) -> dict:
     """Size and SHA-256 of one file.
 
     The file is mapped and hashed in windows of ``_WINDOW`` bytes straight from the page
-    cache (no copy); each window is unmapped from this process once hashed, so the
-    process's resident memory grows by one window at most.
+    cache (no copy: copying blocks out slowed the mergekit import this runs beside);
+    once hashed, each window's pages are dropped from this process (``MADV_DONTNEED``,
+    where the platform has it), so its resident memory grows by about one window. A
+    file truncated while mapped kills the process (SIGBUS), exactly as it would in
+    safetensors' own memory-mapped loading of the same checkpoints.
 
     Returns:
         ``{"bytes": size, "sha256": hex digest}``.
@@ -124,7 +127,7 @@ def folder_digests(folder: str | os.PathLike) -> dict[str, dict]:
     if job is not None:
         try:
             digests = job.result.result()
-        except OSError:
+        except (OSError, ValueError):  # e.g. a file emptied after it was listed
             digests = None
         if digests is not None and job.stamps == _stamps(Path(key)):
             return digests

@@ -19,7 +19,6 @@ model, which is reported as a :class:`DegenerateTaskError` instead.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -221,36 +220,6 @@ class CutTooHighError(Exception):
     """A starting cut turned out above the k-th largest Δ: select again from 0."""
 
 
-def estimate_cuts(
-    samples: Sequence[torch.Tensor], *, k: int, total: int, headroom: float = 1.5
-) -> list[float]:
-    """Starting cuts for :func:`select_cores_buffer` from a sample of every task's Δ.
-
-    The cut is the sample's value at rank ``headroom · k · len(sample) / total``: about
-    ``headroom · k`` entries of the whole stream should reach it. It only has to be a
-    good guess: the selection stays exact whatever the cut (a cut that fewer than k
-    entries reach is detected and the selection redone from 0).
-
-    Args:
-        samples: Per task, |Δ| at sampled positions (float32, finite or not).
-        k: Entries per core.
-        total: Entries in the whole stream.
-        headroom: How many times k entries the cut should let through.
-
-    Returns:
-        One cut per task; 0.0 (no cut) where the sample is too small to tell.
-    """
-    cuts = []
-    for sample in samples:
-        rank = math.ceil(headroom * k * sample.numel() / max(total, 1))
-        finite = bool(torch.isfinite(sample).all())
-        if rank < 64 or not finite or int(torch.count_nonzero(sample)) < rank:
-            cuts.append(0.0)
-        else:
-            cuts.append(kth_largest(sample, rank))
-    return cuts
-
-
 def _sorted_intersection_size(a: np.ndarray, b: np.ndarray) -> int:
     if a.size == 0 or b.size == 0:
         return 0
@@ -278,7 +247,8 @@ def select_cores_buffer(
         tensor_offsets: Global flat offset of each tensor's first entry, ascending.
         labels: One name per task, used in error messages.
         total: D, the number of entries in the stream.
-        cuts: Optional starting cut per task (see :func:`estimate_cuts`): entries below
+        cuts: Optional starting cut per task (see
+            :func:`cpi_merge.starting_cut.estimate_cuts`): entries below
             it are never buffered. Exactness does not depend on it.
 
     Returns:

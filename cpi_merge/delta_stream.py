@@ -105,9 +105,10 @@ class DeltaStream:
     ) -> list[torch.Tensor]:
         """|Δ| of every task at about ``entries`` positions spread over the whole stream.
 
-        The positions are contiguous blocks of ``block`` entries, evenly spaced
-        in every tensor (tensors smaller than a block are left out), so only those
-        blocks are read: a small fraction of a pass. When the stream holds no more than
+        The positions are contiguous blocks of ``block`` entries, evenly spaced in every
+        tensor, as many as the tensor's share of the sample rounds to (tensors whose
+        share is under half a block are left out), so only those blocks are read: a
+        small fraction of a pass. When the stream holds no more than
         ``entries`` entries, the sample is all of it. Values are neither checked nor
         counted here (the pass that follows does that).
 
@@ -123,7 +124,7 @@ class DeltaStream:
                 take = round(info.numel * fraction / block)
                 if rows == 0 or take == 0:
                     continue
-                blocks = (rows, max(1, rows // take), block)
+                blocks = (rows, min(take, rows), block)
             base = self._sampled(self.base, info.name, blocks)
             for part, task in zip(parts, self.tasks, strict=True):
                 part.append(self._sampled(task, info.name, blocks).sub_(base).abs_())
@@ -132,11 +133,12 @@ class DeltaStream:
     def _sampled(
         self, ckpt: Checkpoint, name: str, blocks: tuple[int, int, int] | None
     ) -> torch.Tensor:
-        """Every ``step``-th of ``rows`` blocks of ``size`` entries, cast, in float32."""
+        """``take`` evenly spaced of a tensor's ``rows`` blocks of ``size``, cast, float32."""
         x = ckpt.get(name).reshape(-1)
         if blocks is not None:
-            rows, step, size = blocks
-            x = x[: rows * size].view(rows, size)[::step].reshape(-1)
+            rows, take, size = blocks
+            picked = torch.linspace(0, rows - 1, take).round().long()  # exactly take blocks
+            x = x[: rows * size].view(rows, size)[picked].reshape(-1)
         if self.cast is not None and x.dtype != self.cast:
             x = x.to(self.cast)
         return x.to(torch.float32, copy=True)  # a copy: the caller works on it in place

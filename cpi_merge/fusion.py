@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cpi_merge.errors import CheckpointError, NonFiniteError
+from cpi_merge.errors import NonFiniteError
 
 CHUNK_ENTRIES = 1 << 22
 _GRAM_BLOCK = 1024
@@ -52,6 +52,14 @@ class _Workspace(threading.local):
 
 _WORKSPACE = _Workspace()
 _NO_POSITIONS = torch.empty(0, dtype=torch.int64)
+
+
+def _float32_thresholds(thresholds: Sequence[float | None]) -> list[float | None]:
+    """Δ is float32, so ``Δ >= t`` means ``Δ >= float32(t)``: round once, use everywhere.
+
+    (The analysis's thresholds already are float32 values; a hand-written 0.01 is not.)
+    """
+    return [None if t is None else float(np.float32(t)) for t in thresholds]
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
@@ -99,23 +107,21 @@ def _known_claims(
     flats: Sequence[torch.Tensor],
     thresholds: Sequence[float | None],
     positions: Sequence[torch.Tensor | None],
-) -> list[Claim]:
-    """Claims at core positions found by the analysis: Δ computed there only.
+) -> list[Claim] | None:
+    """Claims at core positions found by an analysis: Δ computed there only.
 
-    Raises:
-        CheckpointError: Δ is below ``t_i`` at a given position: the values are not the
-            ones that were analysed (a checkpoint changed during the run).
+    Returns:
+        The claims, or None when Δ is below ``t_i`` at a given position: these are not
+        the values that were analysed (the caller then finds the cores itself).
     """
     claims = []
     for i, (t, at) in enumerate(zip(thresholds, positions, strict=True)):
         if at is None or t is None:
             continue
+        at = at.to(base.device)
         delta = flats[i][at].float().sub_(base[at].float()).abs_()
         if at.numel() and not float(delta.min()) >= t:
-            raise CheckpointError(
-                f"model {i} differs from what the core analysis read (|Δ| < t at a core "
-                "position): did a checkpoint change during the run?"
-            )
+            return None
         claims.append((i, at, delta))
     return claims
 
@@ -135,7 +141,8 @@ def _owners(claims: Sequence[Claim]) -> tuple[torch.Tensor, torch.Tensor]:
     delta = torch.cat([c[2] for c in claims])
     model = torch.cat([torch.full_like(c[1], c[0]) for c in claims])
     positions, slot = torch.unique(at, sorted=True, return_inverse=True)
-    best = torch.full((positions.numel(),), -math.inf).scatter_reduce_(0, slot, delta, "amax")
+    best = torch.full_like(positions, -math.inf, dtype=delta.dtype)
+    best.scatter_reduce_(0, slot, delta, "amax")
     tied_best = delta == best[slot]
     owner = torch.full_like(positions, 1 + max(c[0] for c in claims))  # every slot gets one
     owner.scatter_reduce_(0, slot[tied_best], model[tied_best], "amin")
@@ -159,7 +166,7 @@ def core_owner(
     claims = _claims(
         base,
         [m.float().reshape(-1) for m in models],
-        thresholds,
+        _float32_thresholds(thresholds),
         torch.empty_like(base),
         torch.empty(base.numel(), dtype=torch.bool),
     )
@@ -248,7 +255,8 @@ def fuse_tensor(
         core_positions: Optional, per model: the ascending flat positions where
             ``|θi − θ0| >= t_i`` (``None`` for models that are not tasks), as found by an
             analysis of these same values that also checked θ0 and the tasks for NaN/Inf.
-            The result is the same; only the full-size comparisons are skipped.
+            The result is the same; only the full-size comparisons are skipped. If Δ
+            is below ``t_i`` at one of them (not the analysed values), they are ignored.
 
     Returns:
         The fused tensor, in the fusion base's dtype. Inputs are not modified.
@@ -257,6 +265,7 @@ def fuse_tensor(
         NonFiniteError: A model (or θ0, when ``core_positions`` is not given) holds NaN/Inf.
     """
     n_models = len(models)
+    thresholds = _float32_thresholds(thresholds)
     base_flat = theta0.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     total = base_flat.numel()
@@ -265,8 +274,10 @@ def fuse_tensor(
 
     others = [i for i, t in enumerate(thresholds) if t is None]
     known_at = known_of = None
+    claims = None
     if core_positions is not None:
         claims = _known_claims(base_flat, flats, thresholds, core_positions)
+    if claims is not None:
         known_at, known_of = _owners(claims)
         edges = torch.arange(0, total + chunk_entries, chunk_entries)
         bounds = torch.searchsorted(known_at, edges).tolist()
@@ -320,10 +331,12 @@ def fuse_tensor(
         for i in range(1, n_models):
             acc.add_(v[i], alpha=coef[i])
         result[start:stop].copy_(acc)
-    if known_at is None:
-        at, of = torch.cat(core_at), torch.cat(core_of)
-    else:
+    if known_at is not None:
         at, of = known_at, known_of
+    elif core_at:
+        at, of = torch.cat(core_at), torch.cat(core_of)
+    else:  # an empty tensor
+        at, of = _NO_POSITIONS, _NO_POSITIONS
     if at.numel():
         for i, t in enumerate(thresholds):
             if t is not None:

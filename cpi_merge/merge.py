@@ -213,6 +213,8 @@ def merge(
         options = _without_missing_tokenizer(options, opened.base.path)
         with staged_output(out_dir, force=force, inputs=opened.local_folders) as tmp:
             write_plan_files(plan, tmp, plots=False)  # cpi_plan.json, before the hashes
+            if recipe.tokenizer_source or recipe.tokenizer:
+                cores = None  # mergekit rearranges embedding rows: not the analysed values
             with known_cores(cores):
                 run_merge(config, str(tmp), options=options, config_source=config_source)
             del cores

@@ -81,10 +81,13 @@ def cpi_fusion(
     if any(not 0.0 <= w <= 1.0 for w in omegas):
         raise RecipeError(f"omega must be in [0, 1]; got {omegas}")
     known = active_known_cores()
+    # The kernel's scratch buffers live in CPU memory: with --cuda, the tensors mergekit
+    # moved to the GPU come back for the fusion (and the result goes back to the GPU).
+    device = theta0.device
     try:
-        return fuse_tensor(
-            theta0,
-            [e.tensor for e in entries],
+        fused = fuse_tensor(
+            theta0.cpu(),
+            [e.tensor.cpu() for e in entries],
             thresholds=thresholds,
             omegas=omegas,
             fusion_base=flagged[0] if flagged else len(entries) - 1,
@@ -93,6 +96,7 @@ def cpi_fusion(
         )
     except CheckpointError as exc:
         raise type(exc)(f"tensor {name}: {exc}; no output was written") from None
+    return fused.to(device)
 
 
 def register_cpi_method() -> MergeMethod:

@@ -12,13 +12,13 @@ from cpi_merge.core_select import (
     CutTooHighError,
     DeltaChunk,
     count_cores,
-    estimate_cuts,
     float32_bits,
     float32_from_bits,
     select_cores_buffer,
     select_cores_histogram,
 )
 from cpi_merge.errors import DegenerateTaskError
+from cpi_merge.starting_cut import estimate_cuts
 
 
 def memory_stream(tensors, chunk):

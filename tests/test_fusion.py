@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpi_merge.errors import CheckpointError
 from cpi_merge.fusion import core_owner, fuse_tensor
 from cpi_merge.known_cores import KnownCores
 
@@ -213,15 +212,43 @@ def test_every_entry_core_leaves_nothing_to_fold():
     assert out.tolist() == [1.0, 1.0, 1.0]
 
 
-def test_known_cores_that_do_not_match_the_values_are_refused():
-    """A checkpoint that changed after the analysis must not be merged with stale cores."""
+def test_known_cores_that_do_not_match_the_values_are_not_used():
+    """Values that differ from the analysed ones (e.g. rows rearranged by mergekit)."""
     theta0 = torch.zeros(6)
     a = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.0, 0.0])
     kw = dict(thresholds=[1.0, None], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS)
+    own = fuse_tensor(theta0, [a, a], **kw)
     ok = fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 3]), None], **kw)
-    assert torch.equal(ok, fuse_tensor(theta0, [a, a], **kw))
-    with pytest.raises(CheckpointError, match="model 0 differs from what the core analysis read"):
-        fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 1]), None], **kw)
+    stale = fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 1]), None], **kw)
+    assert torch.equal(ok, own) and torch.equal(stale, own)
+
+
+def test_thresholds_compare_in_float32():
+    """A hand-written t = 0.01 is float32(0.01) = 0.0099999998 for a float32 Δ."""
+    t32 = float(np.float32(0.01))
+    assert t32 < 0.01
+    theta0 = torch.zeros(4)
+    a = torch.tensor([t32, 0.0, 0.005, 0.02])
+    kw = dict(thresholds=[0.01, None], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS)
+    assert core_owner(theta0, [a, a], [0.01, None]).tolist() == [0, -1, -1, 0]
+    for chunk in (1, 4):  # whole and chunk by chunk (a maximum test per chunk)
+        out = fuse_tensor(theta0, [a, torch.zeros(4)], chunk_entries=chunk, **kw)
+        assert out[0] == a[0] and out[3] == a[3]
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_empty_tensor(known):
+    e = torch.empty(0, 16)
+    out = fuse_tensor(
+        e,
+        [e, e],
+        thresholds=[0.5, None],
+        omegas=[0.5, 0.5],
+        fusion_base=1,
+        epsilon=EPS,
+        core_positions=[torch.empty(0, dtype=torch.int64), None] if known else None,
+    )
+    assert out.shape == (0, 16)
 
 
 def test_known_cores_split_by_tensor_and_only_apply_to_the_same_thresholds():

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from cpi_merge.cli.merge import main as merge_cli
@@ -374,3 +375,40 @@ def test_relative_local_paths_never_query_the_hub(tmp_path, monkeypatch):
     result = merged(recipe, tmp_path / "out")
     assert [t.model for t in result.plan.tasks] == ["fam/task_0", "fam/task_1"]  # as written
     assert str(tmp_path / "fam" / "base") in (tmp_path / "out" / "mergekit_config.yml").read_text()
+
+
+def _save_word_tokenizer(folder, rename=None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(96)}
+    for old, new in (rename or {}).items():
+        vocab[new] = vocab.pop(old)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder)
+
+
+def test_tokenizer_source_rearranges_embeddings_and_still_merges_the_same(tmp_path, monkeypatch):
+    """mergekit moves embedding rows for tokenizer_source: not the values analysed."""
+    import safetensors.torch
+
+    base, tasks = make_hf_family(tmp_path, "llama", tied=False, dtype=torch.float32, step=0.02)
+    _save_word_tokenizer(base)
+    _save_word_tokenizer(tasks[0], rename={"t5": "tool", "t7": "x7"})
+    for t in tasks[1:]:
+        _save_word_tokenizer(t)
+    for shard in tasks[0].glob("*.safetensors"):  # a big change on a row that moves
+        tensors = safetensors.torch.load_file(shard)
+        if "model.embed_tokens.weight" in tensors:
+            tensors["model.embed_tokens.weight"][5] += 1.0
+            safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.05)
+    doc = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**doc, "tokenizer_source": "base"}))
+    used = _count_core_lookups(monkeypatch)
+    merged(recipe, tmp_path / "buffer", strategy="buffer")
+    assert used == []  # the analysed positions are not handed over
+    merged(recipe, tmp_path / "histogram", strategy="histogram")  # never hands cores over
+    a, b = load_folder(tmp_path / "buffer"), load_folder(tmp_path / "histogram")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
