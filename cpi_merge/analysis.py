@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy
 
@@ -199,28 +199,14 @@ def build_plan(
     )
 
 
-def run_analysis(
-    opened: OpenedModels,
-    *,
-    seed: int = 0,
-    order: StageOrder = "random",
-    strategy: Strategy = "auto",
-    memory_budget: int | None = None,
-    progress: bool = True,
-    chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
-) -> CorePlan:
-    """Stream the opened models and compute the exact plan (see :func:`analyze`)."""
-    plan, _ = run_analysis_keeping_cores(
-        opened,
-        seed=seed,
-        order=order,
-        strategy=strategy,
-        memory_budget=memory_budget,
-        progress=progress,
-        chunk_entries=chunk_entries,
-        keep_cores=False,
-    )
-    return plan
+def run_analysis(opened: OpenedModels, **options: Any) -> CorePlan:
+    """Stream the opened models and compute the exact plan (see :func:`analyze`).
+
+    Args:
+        opened: The opened models.
+        **options: As for :func:`run_analysis_keeping_cores` (except ``keep_cores``).
+    """
+    return run_analysis_keeping_cores(opened, keep_cores=False, **options)[0]
 
 
 def run_analysis_keeping_cores(
@@ -275,24 +261,12 @@ def run_analysis_keeping_cores(
         # Start each task's buffer at a cut guessed from a small sample, so that few
         # entries below the final threshold are ever buffered; exact whatever the guess.
         cuts = estimate_cuts(stream.sample(), k=k, total=stream.total)
+        select = dict(k=k, tensor_offsets=stream.offsets, labels=labels, total=stream.total)
         try:
-            selection = select_cores_buffer(
-                stream("core regions"),
-                k=k,
-                tensor_offsets=stream.offsets,
-                labels=labels,
-                total=stream.total,
-                cuts=cuts,
-            )
+            selection = select_cores_buffer(stream("core regions"), cuts=cuts, **select)
         except CutTooHighError:
             LOG.info("a sampled starting cut was too high; selecting again from 0")
-            selection = select_cores_buffer(
-                stream("core regions (again)"),
-                k=k,
-                tensor_offsets=stream.offsets,
-                labels=labels,
-                total=stream.total,
-            )
+            selection = select_cores_buffer(stream("core regions (again)"), **select)
     else:
         passes = iter(["pass 1/3: histogram", "pass 2/3: threshold", "pass 3/3: overlaps"])
         selection = select_cores_histogram(
@@ -416,12 +390,21 @@ def write_plan_files(plan: CorePlan, folder: str | os.PathLike, *, plots: bool =
     """
     folder = Path(folder)
     plan.save(folder / PLAN_FILE)
-    written = [PLAN_FILE]
-    if plots and plan.analysed:
-        from cpi_merge.plots import write_plots
+    return [PLAN_FILE] + (write_plan_pictures(plan, folder) if plots else [])
 
-        written += [p.name for p in write_plots(plan, folder)]
-    return written
+
+def write_plan_pictures(plan: CorePlan, folder: str | os.PathLike) -> list[str]:
+    """Write the pictures of an analysed plan into ``folder`` (none for a recipe's plan).
+
+    Returns:
+        The file names written.
+
+    """
+    if not plan.analysed:
+        return []
+    from cpi_merge.plots import write_plots
+
+    return [p.name for p in write_plots(plan, Path(folder))]
 
 
 def write_outputs(

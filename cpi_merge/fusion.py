@@ -118,7 +118,6 @@ def _known_claims(
     for i, (t, at) in enumerate(zip(thresholds, positions, strict=True)):
         if at is None or t is None:
             continue
-        at = at.to(base.device)
         delta = flats[i][at].float().sub_(base[at].float()).abs_()
         if at.numel() and not float(delta.min()) >= t:
             return None
@@ -274,11 +273,11 @@ def fuse_tensor(
 
     others = [i for i, t in enumerate(thresholds) if t is None]
     known_at = known_of = None
-    claims = None
+    known = None
     if core_positions is not None:
-        claims = _known_claims(base_flat, flats, thresholds, core_positions)
-    if claims is not None:
-        known_at, known_of = _owners(claims)
+        known = _known_claims(base_flat, flats, thresholds, core_positions)
+    if known is not None:
+        known_at, known_of = _owners(known)
         edges = torch.arange(0, total + chunk_entries, chunk_entries)
         bounds = torch.searchsorted(known_at, edges).tolist()
     else:
@@ -298,8 +297,7 @@ def fuse_tensor(
         if known_at is None:
             base = base_buf[:m].copy_(base_flat[start:stop])
             _check_finite(base, "θ0")
-            claims = _claims(base, list(v), thresholds, scratch[:m], mask[:m])
-            at, owner = _owners(claims)
+            at, owner = _owners(_claims(base, list(v), thresholds, scratch[:m], mask[:m]))
             core_at.append(at + start)
             core_of.append(owner)
         else:

@@ -28,6 +28,7 @@ from cpi_merge.analysis import (
     plan_from_thresholds,
     run_analysis_keeping_cores,
     write_plan_files,
+    write_plan_pictures,
 )
 from cpi_merge.checksums import folder_digests, hash_folder
 from cpi_merge.errors import OutputError, RecipeError
@@ -222,10 +223,7 @@ def merge(
             # The pictures are pure Python: drawn beside the merge they slowed it down by
             # holding the GIL; here they overlap with hashing the output, which does not.
             outputs = pool.submit(hash_folder, tmp) if checksums else None
-            if plan.analysed:
-                from cpi_merge.plots import write_plots
-
-                write_plots(plan, tmp)  # PNG files: not among the hashed outputs
+            write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
             card = tmp / "README.md"
             if options.write_model_card and card.exists():
                 # mergekit titles the card with the folder it wrote to: the temporary one.
