@@ -26,8 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/speed.py
-	$(BIN)/python benchmarks/consolidation_overhead.py
+	$(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.consolidation_overhead
 	$(BIN)/python -m benchmarks.quality.run
 
 clean:

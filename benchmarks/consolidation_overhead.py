@@ -28,9 +28,9 @@ CHILD = r"""
 import json, sys, time, torch
 from transformers import TrainerCallback
 from consolidation.config import TrainingConfig
-from consolidation.freezer import ExactFreezer
-from consolidation.tiny import tiny_llama
-from consolidation.training import build_optimizer, run_stage
+from consolidation.freezing.freezer import ExactFreezer
+from benchmarks.tiny_models import tiny_llama
+from consolidation.training.trainer import build_optimizer, run_stage
 
 masked, hidden, layers, steps, share, out = sys.argv[1] == "1", *map(int, sys.argv[2:5]), float(sys.argv[5]), sys.argv[6]
 model = tiny_llama(1024, hidden=hidden, layers=layers, heads=8, seed=0)

@@ -13,8 +13,8 @@ and also times mergekit ``ties`` (density 0.01, once: it is slow) and ``slerp``
 the recipe, so it skips the analysis.
 
 Usage:
-    python benchmarks/speed.py                    # ~0.47B parameters per model (default)
-    python benchmarks/speed.py --layers 4         # a quick, smaller run
+    python -m benchmarks.speed                    # ~0.47B parameters per model (default)
+    python -m benchmarks.speed --layers 4         # a quick, smaller run
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from cpi_merge.synthetic import BENCH_SHAPE, TaskSpec, make_family
+from benchmarks.synthetic import BENCH_SHAPE, TaskSpec, make_family
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -111,10 +111,10 @@ def write_given_thresholds(recipe: Path, plan_file: Path, out: Path) -> Path:
     """A copy of the cpi recipe with every task's core_threshold taken from a plan."""
     doc = yaml.safe_load(recipe.read_text())
     thresholds = {
-        t["model"]: t["core_threshold"] for t in json.loads(plan_file.read_text())["tasks"]
+        t["name"]: t["core_threshold"] for t in json.loads(plan_file.read_text())["tasks"]
     }
     for m in doc["models"]:
-        m["parameters"] = {"core_threshold": thresholds[m["model"]]}
+        m["parameters"] = {"core_threshold": thresholds[Path(m["model"]).name]}
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
 

@@ -51,7 +51,7 @@ def run(config, out_dir, force, resume, quiet, verbose):
     """Masked multi-stage fine-tune of a fused model (the default command)."""
     setup_logging(verbose, quiet)
     from consolidation.stages import consolidate
-    from consolidation.training import is_main_process
+    from consolidation.training.distributed import is_main_process
 
     records = consolidate(config, out_dir, force=force, resume=resume, progress=not quiet)
     if is_main_process() and not quiet:
@@ -70,7 +70,7 @@ def probe(config, out_dir, force, resume, quiet, verbose):
     """One short fine-tune of the base model per task, plus a cpi recipe over them."""
     setup_logging(verbose, quiet)
     from consolidation.probe import RECIPE_FILE, run_probes
-    from consolidation.training import is_main_process
+    from consolidation.training.distributed import is_main_process
 
     results = run_probes(config, out_dir, force=force, resume=resume, progress=not quiet)
     if is_main_process() and not quiet:

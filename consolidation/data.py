@@ -18,13 +18,9 @@ from pathlib import Path
 
 import torch
 
-from cpi_merge.errors import CpiError
+from cpi_merge.errors import DataError
 
 IGNORE_INDEX = -100
-
-
-class DataError(CpiError):
-    """A data file is missing, malformed, or too small."""
 
 
 @dataclass(frozen=True)
@@ -182,3 +178,35 @@ def pad_collate(pad_id: int):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     return collate
+
+
+def task_datasets(cfg, tokenizer) -> dict[str, TokenizedDataset]:
+    """Read, sample and tokenize every task's data: the one path from JSONL to training rows.
+
+    Every file is read and sampled before anything is tokenized, so a bad file is
+    reported first.
+
+    Args:
+        cfg: A consolidation or probe config (its ``data``, ``samples_per_task`` (None:
+            every example), ``seed`` and ``training.max_length``).
+        tokenizer: The model's tokenizer.
+
+    Returns:
+        Task name → tokenized dataset, in the order of ``cfg.data``.
+
+    Raises:
+        DataError: A file is missing or malformed, or too small for the sample.
+    """
+    samples = {
+        task: balanced_sample(read_jsonl(path), cfg.samples_per_task, seed=cfg.seed, task=task)
+        for task, path in cfg.data.items()
+    }
+    return {
+        task: build_dataset(rows, tokenizer, cfg.training.max_length, what=f"task {task!r}")
+        for task, rows in samples.items()
+    }
+
+
+def collator(tokenizer):
+    """:func:`pad_collate` with the tokenizer's pad token (0 when it has none)."""
+    return pad_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)

@@ -17,18 +17,14 @@ import torch
 import yaml
 
 from consolidation.config import ProbeConfig, load_probe_config
-from consolidation.data import balanced_sample, build_dataset, pad_collate, read_jsonl
+from consolidation.data import collator, task_datasets
 from consolidation.models import load_for_training, load_tokenizer, save_model
-from consolidation.stages import prepare_work_dir
-from consolidation.training import (
-    barrier,
-    build_optimizer,
-    init_distributed,
-    is_main_process,
-    losses,
-    run_stage,
-)
-from cpi_merge.output_dir import staged_output
+from consolidation.training.distributed import barrier, init_distributed, is_main_process
+from consolidation.training.trainer import build_optimizer, losses, run_stage
+from consolidation.workdir import prepare_work_dir
+from cpi_merge.config.recipe import DEFAULT_CORE_FRACTION, DEFAULT_TAU, METHOD_NAME
+from cpi_merge.io.checkpoints import resolved_reference
+from cpi_merge.io.output_dir import staged_output
 
 RECIPE_FILE = "probes_recipe.yml"
 REPORT_FILE = "probes_report.json"
@@ -67,16 +63,8 @@ def run_probes(
     out_dir = Path(out_dir)
     work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=[cfg.model])
     tokenizer = load_tokenizer(cfg.model)
-    datasets = {
-        task: build_dataset(
-            balanced_sample(read_jsonl(path), cfg.samples_per_task, seed=cfg.seed, task=task),
-            tokenizer,
-            cfg.training.max_length,
-            what=f"task {task!r}",
-        )
-        for task, path in cfg.data.items()
-    }
-    collate = pad_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    datasets = task_datasets(cfg, tokenizer)
+    collate = collator(tokenizer)
     results: dict[str, dict] = {}
     for index, (task, dataset) in enumerate(datasets.items()):
         done = work / task / "probe.json"
@@ -117,10 +105,10 @@ def run_probes(
                 (tmp / task / "probe.json").unlink()
             final = out_dir.resolve()
             recipe = {
-                "merge_method": "cpi",
-                "base_model": cfg.model,
-                "models": [{"model": str(final / task)} for task in datasets],
-                "parameters": {"core_fraction": 0.01, "tau": 0.1},
+                "merge_method": METHOD_NAME,
+                "base_model": resolved_reference(cfg.model),
+                "models": [{"model": str(final / task), "name": task} for task in datasets],
+                "parameters": {"core_fraction": DEFAULT_CORE_FRACTION, "tau": DEFAULT_TAU},
             }
             header = (
                 "# cpi recipe over the probes written by `cpi-consolidate probe`.\n"

@@ -52,7 +52,7 @@ def plot_losses(path: Path, stages: list[StageRecord], title: str) -> None:
                 [loss for _, loss in s.losses],
                 marker=".",
                 ms=3,
-                label=f"stage {s.index}: " + ", ".join(Path(t).name for t in s.tasks),
+                label=f"stage {s.index}: " + ", ".join(s.tasks),
             )
         offset += s.steps
         ax.axvline(offset, color="grey", lw=0.6, ls="--")

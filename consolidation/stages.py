@@ -2,7 +2,7 @@
 
 Stages follow the plan's groups (or one stage over all tasks). While stage k trains on
 the sampled data of its tasks, the cores of the tasks of stages 1..k−1 are frozen bit for
-bit (:class:`~consolidation.freezer.ExactFreezer`). Work happens in a hidden sibling folder
+bit (:class:`~consolidation.freezing.freezer.ExactFreezer`). Work happens in a hidden sibling folder
 ``.<OUT>.work`` (stage checkpoints, stage ends) so an interrupted run can ``--resume``;
 OUT_DIR itself appears only when every stage is done. In multi-process runs every rank
 computes the same masks from the same files; only rank 0 writes.
@@ -18,65 +18,33 @@ from pathlib import Path
 import torch
 
 from consolidation.config import ConsolidationConfig, load_consolidation_config
-from consolidation.data import DataError, balanced_sample, build_dataset, pad_collate, read_jsonl
-from consolidation.freezer import ExactFreezer
-from consolidation.masks import check_plan_matches_model, core_positions
+from consolidation.data import collator, task_datasets
+from consolidation.freezing.freezer import ExactFreezer
+from consolidation.freezing.masks import check_plan_matches_model, core_positions
 from consolidation.models import load_for_training, load_tokenizer, save_model
 from consolidation.report import LOSS_PNG, REPORT_FILE, StageRecord, plot_losses, write_report
-from consolidation.training import (
+from consolidation.training.distributed import (
     barrier,
-    build_optimizer,
     init_distributed,
     is_main_process,
-    load_for_resume,
-    losses,
     ranks_agree,
-    run_stage,
-    save_for_resume,
     world_size,
 )
-from cpi_merge.errors import CpiError, OutputError
-from cpi_merge.output_dir import check_output_location, staged_output
-from cpi_merge.plan import CorePlan
+from consolidation.training.resume import load_for_resume, save_for_resume
+from consolidation.training.trainer import build_optimizer, losses, run_stage
+from consolidation.workdir import prepare_work_dir
+from cpi_merge.analysis.plan import CorePlan
+from cpi_merge.errors import CpiError, DataError
+from cpi_merge.io.output_dir import staged_output
+from cpi_merge.provenance import package_version
 
 STAGE_DONE = "done"
-
-
-def work_dir_for(out_dir: Path) -> Path:
-    """The hidden folder next to OUT_DIR where stages and checkpoints live until the end."""
-    out_dir = Path(out_dir).resolve()
-    return out_dir.parent / f".{out_dir.name}.work"
-
-
-def prepare_work_dir(out_dir: Path, *, force: bool, resume: bool, inputs: list[str]) -> Path:
-    """Check OUT_DIR, then keep (``resume``), discard (``force``) or refuse an earlier run's work.
-
-    Returns:
-        The work folder (every process waits until rank 0 has cleared it).
-
-    Raises:
-        OutputError: OUT_DIR is unsafe, or an earlier run's work exists without
-            ``--resume`` / ``--force``.
-    """
-    check_output_location(out_dir, force=force, inputs=inputs)
-    work = work_dir_for(out_dir)
-    if work.exists() and not resume:
-        if not force:
-            raise OutputError(
-                f"an earlier run left {work} (checkpoints and finished stages); pass --resume "
-                "to continue it or --force to discard it"
-            )
-        barrier()
-        if is_main_process():
-            shutil.rmtree(work)
-    barrier()
-    return work
 
 
 def stage_groups(cfg: ConsolidationConfig, plan: CorePlan) -> list[list[str]]:
     """Task groups in stage order (one group of every task for ``stages: single``)."""
     if cfg.stages == "single":
-        return [[t.model for t in plan.tasks]]
+        return [plan.task_names]
     if not plan.analysed:
         raise CpiError(
             f"{cfg.plan_path}: the plan has no groups (thresholds were given in the recipe); "
@@ -87,7 +55,7 @@ def stage_groups(cfg: ConsolidationConfig, plan: CorePlan) -> list[list[str]]:
 
 def check_data_keys(cfg: ConsolidationConfig, plan: CorePlan) -> None:
     """Every task of the plan has data, and every data key is a task of the plan."""
-    planned = [t.model for t in plan.tasks]
+    planned = plan.task_names
     unknown = [k for k in cfg.data if k not in planned]
     missing = [t for t in planned if t not in cfg.data]
     problems = []
@@ -97,14 +65,12 @@ def check_data_keys(cfg: ConsolidationConfig, plan: CorePlan) -> None:
         problems.append(f"planned task(s) {missing} have no data")
     if problems:
         raise DataError(
-            "; ".join(problems) + f". The plan's tasks are {planned} (keys of data: must be "
-            "these exact model references)"
+            "; ".join(problems) + f". The plan's tasks are {planned} (the keys of data: are "
+            "these task names)"
         )
 
 
 def _header(cfg: ConsolidationConfig, total: int) -> dict:
-    from cpi_merge.analysis import package_version
-
     return {
         "created_by": package_version(),
         "model": cfg.model,
@@ -158,20 +124,13 @@ def consolidate(
     groups = stage_groups(cfg, plan)
     work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=[cfg.model])
 
-    samples = {
-        task: balanced_sample(read_jsonl(path), cfg.samples_per_task, seed=cfg.seed, task=task)
-        for task, path in cfg.data.items()
-    }
     tokenizer = load_tokenizer(cfg.model)
-    datasets = {
-        task: build_dataset(rows, tokenizer, cfg.training.max_length, what=f"task {task!r}")
-        for task, rows in samples.items()
-    }
+    datasets = task_datasets(cfg, tokenizer)
     model, dtype = load_for_training(cfg.model)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     check_plan_matches_model(plan, shapes, {n for n, _ in model.named_buffers()})
     total = sum(p.numel() for p in model.parameters())
-    collate = pad_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    collate = collator(tokenizer)
 
     optimizer = build_optimizer(model, cfg.training)
     records: list[StageRecord] = []

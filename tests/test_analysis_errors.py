@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpi_merge.analysis import analyze
-from cpi_merge.checkpoints import Checkpoint
+from cpi_merge.commands import analyze
 from cpi_merge.errors import CheckpointError, DegenerateTaskError, NonFiniteError, RecipeError
+from cpi_merge.io.checkpoints import Checkpoint
 
-from conftest import write_model, write_recipe
+from helpers.files import write_model, write_recipe
 
 BASE = {"x.weight": torch.zeros(6, 4), "y.weight": torch.zeros(10)}
 

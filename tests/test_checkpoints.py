@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from cpi_merge.checkpoints import check_compatible, open_checkpoint
 from cpi_merge.errors import CheckpointError
+from cpi_merge.io.checkpoints import open_checkpoint
+from cpi_merge.io.compatibility import check_compatible
 
-from conftest import write_model
+from helpers.files import write_model
 
 TENSORS = {"a.weight": torch.ones(4, 4), "b.weight": torch.ones(8), "c.weight": torch.ones(3)}
 

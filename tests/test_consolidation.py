@@ -12,13 +12,13 @@ import yaml
 from safetensors.torch import load_file
 
 from consolidation.data import DataError
-from consolidation.freezer import as_bits
-from consolidation.stages import consolidate, work_dir_for
-from consolidation.training import CheckpointError
-from cpi_merge.errors import CpiError, OutputError
-from cpi_merge.plan import CorePlan
+from consolidation.freezing.freezer import as_bits
+from consolidation.stages import consolidate
+from consolidation.workdir import work_dir_for
+from cpi_merge.analysis.plan import CorePlan
+from cpi_merge.errors import CpiError, OutputError, ResumeError
 
-from consolidation_fixtures import build_world, consolidation_config, write_jsonl
+from helpers.consolidation_world import build_world, consolidation_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def union_of_cores(plan, tasks):
             base.update(load_file(os.path.join(plan.base_model, f)))
     masks = {}
     for t in plan.tasks:
-        if t.model not in tasks:
+        if t.name not in tasks:
             continue
         task = {}
         for f in sorted(os.listdir(t.model)):
@@ -131,14 +131,14 @@ def test_interrupted_run_resumes_to_the_same_weights(world, tmp_path, monkeypatc
 
 
 def test_marked_checkpoint_missing_rng_state_is_refused(tmp_path):
-    from consolidation.training import latest_complete_checkpoint
+    from consolidation.training.checkpoints import latest_complete_checkpoint
 
     folder = tmp_path / "checkpoint-4"
     folder.mkdir()
     for f in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "model.safetensors"):
         (folder / f).write_text("x")
     (folder / ".cpi-complete").write_text(json.dumps({"world_size": 1}))
-    with pytest.raises(CheckpointError, match="rng_state.pth"):
+    with pytest.raises(ResumeError, match="rng_state.pth"):
         latest_complete_checkpoint(tmp_path)
 
 
@@ -162,7 +162,7 @@ def test_bad_inputs_fail_before_training(world, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="bad.jsonl:2: not valid JSON"):
         run(data={**good["data"], keys[0]: str(bad)})
     with pytest.raises(DataError, match="not in the plan"):
-        run(data={**good["data"], "someone/else": str(bad)})
+        run(data={**good["data"], "someone-else": str(bad)})
     with pytest.raises(DataError, match="have no data"):
         run(data={k: v for k, v in good["data"].items() if k != keys[1]})
     small = write_jsonl(tmp_path / "small.jsonl", [{"prompt": "a", "completion": "b"}])
@@ -176,7 +176,7 @@ def test_bad_inputs_fail_before_training(world, tmp_path, monkeypatch):
 
 
 def test_plan_for_another_model_is_refused(world, tmp_path):
-    from consolidation.tiny import char_tokenizer, tiny_llama
+    from benchmarks.tiny_models import char_tokenizer, tiny_llama
 
     other = tmp_path / "other"
     tiny_llama(len(char_tokenizer()), hidden=16, layers=2, heads=2).save_pretrained(other)
@@ -258,7 +258,7 @@ def test_cli_routes_run_and_probe(world, tmp_path):
 
 
 def test_plan_check_skips_stored_buffers(world):
-    from consolidation.masks import check_plan_matches_model
+    from consolidation.freezing.masks import check_plan_matches_model
 
     plan = CorePlan.load(world["merged"])
     shapes = {t.name: tuple(t.shape) for t in plan.tensors}

@@ -8,17 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpi_merge.core_select import (
-    CutTooHighError,
-    DeltaChunk,
-    count_cores,
-    float32_bits,
-    float32_from_bits,
-    select_cores_buffer,
-    select_cores_histogram,
-)
+from cpi_merge.analysis.radix import float32_bits, float32_from_bits
+from cpi_merge.analysis.select_buffer import CutTooHighError, select_cores_buffer
+from cpi_merge.analysis.select_histogram import count_cores, select_cores_histogram
+from cpi_merge.analysis.selection import DeltaChunk
+from cpi_merge.analysis.starting_cut import estimate_cuts
 from cpi_merge.errors import DegenerateTaskError
-from cpi_merge.starting_cut import estimate_cuts
 
 
 def memory_stream(tensors, chunk):
@@ -186,7 +181,7 @@ def test_float32_bits_round_trip():
     st.data(),
 )
 def test_kth_largest_equals_kthvalue(values, data):
-    from cpi_merge.core_select import kth_largest
+    from cpi_merge.analysis.radix import kth_largest
 
     t = torch.tensor(values, dtype=torch.float32)
     k = data.draw(st.integers(1, len(values)))

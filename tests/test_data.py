@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from benchmarks.tiny_models import char_tokenizer
 from consolidation.data import (
     IGNORE_INDEX,
     DataError,
@@ -15,7 +16,6 @@ from consolidation.data import (
     read_jsonl,
     tokenize,
 )
-from consolidation.tiny import char_tokenizer
 
 
 @pytest.fixture(scope="module")

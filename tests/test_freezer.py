@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from consolidation.freezer import ExactFreezer, as_bits
-from consolidation.tiny import tiny_llama
+from benchmarks.tiny_models import tiny_llama
+from consolidation.freezing.freezer import ExactFreezer, as_bits
 
 
 def setup(seed=0, share=0.05):

@@ -10,48 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpi_merge.fusion import core_owner, fuse_tensor
-from cpi_merge.known_cores import KnownCores
+from cpi_merge.analysis.known_cores import KnownCores
+from cpi_merge.fusion.claims import core_owner
+from cpi_merge.fusion.kernel import fuse_tensor
+
+from helpers.references import ref_fuse, ref_slerp
 
 EPS = math.acos(0.9995)
-
-
-def ref_slerp(x, y, w, eps):
-    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
-    if nx == 0 or ny == 0:
-        return (1 - w) * x + w * y
-    c = np.clip(np.dot(x, y) / (nx * ny), -1, 1)
-    th = np.arccos(c)
-    if th < eps or np.pi - th < eps:
-        return (1 - w) * x + w * y
-    return (np.sin((1 - w) * th) * x + np.sin(w * th) * y) / np.sin(th)
-
-
-def ref_fuse(theta0, models, thresholds, omegas, fb, eps):
-    """Entry by entry for the core, float64 for the fold."""
-    t0 = theta0.float().numpy().reshape(-1)
-    ms = [m.float().numpy().reshape(-1) for m in models]
-    n = t0.size
-    owner = np.full(n, -1)
-    for j in range(n):
-        best = None
-        for i, (m, t) in enumerate(zip(ms, thresholds)):
-            if t is None:
-                continue
-            d = np.float32(abs(np.float32(m[j]) - np.float32(t0[j])))
-            if d >= t and (best is None or d > best):
-                best, owner[j] = d, i
-    out = ms[fb].astype(np.float64).copy()
-    for j in range(n):
-        if owner[j] >= 0:
-            out[j] = ms[owner[j]][j]
-    rest = owner < 0
-    x = ms[fb][rest].astype(np.float64)
-    for i, m in enumerate(ms):
-        if i != fb:
-            x = ref_slerp(x, m[rest].astype(np.float64), omegas[i], eps)
-    out[rest] = x
-    return owner.reshape(theta0.shape), out.reshape(theta0.shape)
 
 
 def check(theta0, models, thresholds, omegas, fb, dtype):

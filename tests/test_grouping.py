@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpi_merge.grouping import group_tasks, jaccard_matrix, order_stages
+from cpi_merge.analysis.grouping import group_tasks, jaccard_matrix, order_stages
 
 
 @settings(max_examples=100, deadline=None)

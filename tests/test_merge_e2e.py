@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
-from cpi_merge.cli.merge import main as merge_cli
-from cpi_merge.errors import CpiError, OutputError, RecipeError
-from cpi_merge.merge import merge
-from cpi_merge.plan import CorePlan
-from cpi_merge.recipe import DEFAULT_EPSILON
+from cpi_merge.analysis.plan import CorePlan
+from cpi_merge.config.recipe import DEFAULT_EPSILON
+from cpi_merge.errors import CpiError
 
-from conftest import brute_force, load_folder, write_recipe
-from hf_models import make_hf_family
-from test_fusion import ref_fuse
-
-
-def merged(recipe, out, **kw):
-    from mergekit.options import MergeOptions
-
-    kw.setdefault("options", MergeOptions(quiet=True))
-    return merge(recipe, out, **kw)
+from helpers.files import load_folder, merged, write_recipe
+from helpers.hf_models import make_hf_family
+from helpers.references import brute_force, ref_fuse
 
 
 def check_against_reference(base, models, out, plan, *, omegas, fusion_base, tasks_mask):
     inputs = [load_folder(base)] + [load_folder(m) for m in models]
     result = load_folder(out)
-    thresholds = iter(plan.thresholds[str(m)] for m, is_task in zip(models, tasks_mask) if is_task)
+    thresholds = iter(plan.thresholds[m.name] for m, is_task in zip(models, tasks_mask) if is_task)
     per_model_t = [next(thresholds) if is_task else None for is_task in tasks_mask]
     assert set(result) == set(inputs[0])
     for name, got in result.items():
@@ -121,14 +108,14 @@ def test_fusion_base_flag_omega_and_non_task_model(tmp_path):
         tasks_mask=[True, True, True, False],
     )
     card = (out / "README.md").read_text()
-    assert f"`{models[1]}`" in card and "# out\n" in card
+    assert f"`{models[1].name}`" in card and "# out\n" in card
     resolved = (out / "mergekit_config.yml").read_text()
     assert "core_threshold" in resolved and "fusion_base: 1" in resolved
 
 
 def _count_core_lookups(monkeypatch) -> list[bool]:
     """Record, per tensor the merge method fuses, whether it used the analysed cores."""
-    from cpi_merge.known_cores import KnownCores
+    from cpi_merge.analysis.known_cores import KnownCores
 
     used = []
     real = KnownCores.for_tensor
@@ -150,16 +137,16 @@ def test_given_thresholds_skip_the_analysis_and_give_the_same_model(tmp_path, mo
     first = merged(recipe, tmp_path / "a").plan
     assert used and all(used)  # every tensor took the analysed cores...
     used.clear()
-    import cpi_merge.merge as merge_module
+    import cpi_merge.commands as merge_module
 
     def no_analysis(*a, **k):
         raise AssertionError("analysis ran although every threshold was given")
 
-    monkeypatch.setattr(merge_module, "run_analysis_keeping_cores", no_analysis)
+    monkeypatch.setattr(merge_module, "run_analysis", no_analysis)
     given = write_recipe(
         tmp_path / "g.yml",
         base,
-        [(t, {"core_threshold": first.thresholds[str(t)]}) for t in tasks],
+        [(t, {"core_threshold": first.thresholds[t.name]}) for t in tasks],
         core_fraction=0.05,
     )
     plan = merged(given, tmp_path / "b").plan
@@ -173,118 +160,16 @@ def test_given_thresholds_skip_the_analysis_and_give_the_same_model(tmp_path, mo
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_some_thresholds_given_is_an_error(tmp_path):
-    base, tasks = make_hf_family(tmp_path, "llama", n_tasks=2)
-    recipe = write_recipe(
-        tmp_path / "r.yml", base, [(tasks[0], {"core_threshold": 0.01}), tasks[1]]
-    )
-    with pytest.raises(RecipeError, match="set it on every task"):
-        merged(recipe, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_vocabulary_mismatch_is_refused_before_work(tmp_path):
-    base, tasks = make_hf_family(tmp_path, "llama", n_tasks=2)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tasks[1])
-    model.resize_token_embeddings(100)
-    import shutil
-
-    shutil.rmtree(tasks[1])
-    model.save_pretrained(tasks[1])
-    recipe = write_recipe(tmp_path / "r.yml", base, tasks)
-    with pytest.raises(
-        CpiError,
-        match="vocabulary size differs in 'model.embed_tokens.weight': 100 rows, base has 96",
-    ):
-        merged(recipe, tmp_path / "out")
-
-
-def test_output_safety(tmp_path, monkeypatch):
-    base, tasks = make_hf_family(tmp_path, "llama", n_tasks=2)
-    recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.05)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep")
-    with pytest.raises(OutputError, match="--force"):
-        merged(recipe, out)
-    with pytest.raises(OutputError, match="overlaps the input"):
-        merged(recipe, tasks[0] / "merged")
-    # an interrupted merge leaves the old output as it was and no partial folder
-    import cpi_merge.fusion as fusion
-
-    calls = {"n": 0}
-    real = fusion.fuse_tensor
-
-    def dies_midway(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr("cpi_merge.merge_method.fuse_tensor", dies_midway)
-    with pytest.raises(KeyboardInterrupt):
-        merged(recipe, out, force=True)
-    assert os.listdir(out) == ["mine.txt"]
-    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
-    monkeypatch.setattr("cpi_merge.merge_method.fuse_tensor", real)
-    merged(recipe, out, force=True)
-    assert "mine.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
-
-
-def test_manifest_hashes(tmp_path):
-    base, tasks = make_hf_family(tmp_path, "llama", n_tasks=2)
-    recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.05)
-    merged(recipe, tmp_path / "out")
-    manifest = json.loads((tmp_path / "out" / "cpi_manifest.json").read_text())
-    import hashlib
-
-    assert [i["role"] for i in manifest["inputs"]] == ["base_model", "models[0]", "models[1]"]
-    for name, rec in manifest["outputs"].items():
-        data = (tmp_path / "out" / name).read_bytes()
-        assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["bytes"] == len(data)
-    shard = next(iter(k for k in manifest["inputs"][0]["files"] if k.endswith(".safetensors")))
-    assert (
-        manifest["inputs"][0]["files"][shard]["sha256"]
-        == hashlib.sha256((base / shard).read_bytes()).hexdigest()
-    )
-
-
-def test_cli_passes_mergekit_options(tmp_path):
-    base, tasks = make_hf_family(tmp_path, "llama", n_tasks=2)
-    recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.05)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(
-        merge_cli,
-        [
-            str(recipe),
-            str(out),
-            "--out-shard-size",
-            "10K",
-            "--no-write-model-card",
-            "--quiet",
-            "--order",
-            "given",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    files = os.listdir(out)
-    assert "model.safetensors.index.json" in files and "README.md" not in files
-    assert json.loads((out / "cpi_plan.json").read_text())["order"] == "given"
-    bad = CliRunner().invoke(merge_cli, [str(recipe), str(out), "--quiet"])
-    assert bad.exit_code == 2 and "--force" in bad.output
-
-
 def test_register_refuses_a_different_cpi():
     from dataclasses import replace
 
     from mergekit.merge_methods import registry
 
-    from cpi_merge.merge_method import cpi_fusion, register_cpi_method
+    from cpi_merge.fusion.method import CpiMethod, register_cpi_method
 
-    assert register_cpi_method() is cpi_fusion
-    assert register_cpi_method() is cpi_fusion  # idempotent
+    method = register_cpi_method()
+    assert isinstance(method, CpiMethod)
+    assert register_cpi_method() is method  # idempotent
     linear = registry._METHODS["linear"]
     impostor = type(linear)(replace(linear.spec, name="cpi"), linear.implementation)
     registry._METHODS["cpi"] = impostor
@@ -292,7 +177,7 @@ def test_register_refuses_a_different_cpi():
         with pytest.raises(CpiError, match="already has a different merge method"):
             register_cpi_method()
     finally:
-        registry._METHODS["cpi"] = cpi_fusion
+        registry._METHODS["cpi"] = method
 
 
 def test_python_run_merge_usage(tmp_path):
@@ -301,10 +186,9 @@ def test_python_run_merge_usage(tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    from cpi_merge.analysis import analyze
-    from cpi_merge.merge import resolved_recipe
-    from cpi_merge.merge_method import register_cpi_method
-    from cpi_merge.recipe import load_recipe
+    from cpi_merge.commands import analyze, resolved_recipe
+    from cpi_merge.config.recipe import load_recipe
+    from cpi_merge.fusion.method import register_cpi_method
 
     base, tasks = make_hf_family(tmp_path, "llama", n_tasks=2)
     path = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.05)
@@ -322,59 +206,6 @@ def test_python_run_merge_usage(tmp_path):
         yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())["merge_method"]
         == "cpi"
     )
-
-
-def _poison(folder, name, value):
-    """Rewrite one tensor of a saved model with a NaN/Inf at entry 0."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    with torch.no_grad():
-        dict(model.named_parameters())[name].view(-1)[0] = value
-    shutil.rmtree(folder)
-    model.save_pretrained(folder)
-
-
-@pytest.mark.parametrize("who", ["base", "task", "fusion_base_not_task"])
-def test_nan_or_inf_with_given_thresholds_is_refused(tmp_path, who):
-    """No analysis pass to catch it: the merge itself must refuse, naming the tensor."""
-    base, models = make_hf_family(tmp_path, "llama", n_tasks=3)
-    target = {"base": base, "task": models[0], "fusion_base_not_task": models[2]}[who]
-    _poison(
-        target, "model.layers.1.mlp.up_proj.weight", float("nan") if who != "task" else float("inf")
-    )
-    recipe = write_recipe(
-        tmp_path / "r.yml",
-        base,
-        [
-            (models[0], {"core_threshold": 0.05}),
-            (models[1], {"core_threshold": 0.05}),
-            (models[2], {"task": 0}),
-        ],
-    )
-    with pytest.raises(CpiError, match="model.layers.1.mlp.up_proj.weight.*NaN/Inf"):
-        merged(recipe, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_relative_local_paths_never_query_the_hub(tmp_path, monkeypatch):
-    """`dir/name` looks like a Hub id: mergekit's card would ask the Hub (offline: crash)."""
-    import huggingface_hub
-
-    def offline(*a, **k):
-        raise ConnectionError("no network in this test")
-
-    monkeypatch.setattr(huggingface_hub, "repo_exists", offline)
-    make_hf_family(tmp_path / "fam", "llama", n_tasks=2)
-    monkeypatch.chdir(tmp_path)
-    recipe = write_recipe(
-        tmp_path / "r.yml", "fam/base", ["fam/task_0", "fam/task_1"], core_fraction=0.05
-    )
-    result = merged(recipe, tmp_path / "out")
-    assert [t.model for t in result.plan.tasks] == ["fam/task_0", "fam/task_1"]  # as written
-    assert str(tmp_path / "fam" / "base") in (tmp_path / "out" / "mergekit_config.yml").read_text()
 
 
 def _save_word_tokenizer(folder, rename=None):

@@ -8,12 +8,12 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from cpi_merge.analysis import analyze
+from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.cli.analyze import main
+from cpi_merge.commands import analyze
 from cpi_merge.errors import CpiError, OutputError
-from cpi_merge.plan import CorePlan
 
-from conftest import write_recipe
+from helpers.files import write_recipe
 
 
 @pytest.fixture
@@ -29,14 +29,15 @@ def test_plan_file_and_pictures(recipe, tmp_path):
     for png in ("core_map.png", "jaccard.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "cpi_plan.json").read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     for key in ("total_parameters", "core_fraction", "tau", "seed", "tasks", "jaccard", "groups"):
         assert key in data
     assert [t["model"] for t in data["tasks"]] == [
-        m["model"] for m in __import__("yaml").safe_load(recipe.read_text())["models"]
+        os.path.abspath(m["model"])
+        for m in __import__("yaml").safe_load(recipe.read_text())["models"]
     ]
     assert CorePlan.load(out) == plan
-    assert sorted(sum(plan.groups, [])) == sorted(t.model for t in plan.tasks)
+    assert sorted(sum(plan.groups, [])) == sorted(plan.task_names)
 
 
 def test_plan_rejects_unknown_schema_and_bad_bits(recipe, tmp_path):
@@ -46,7 +47,7 @@ def test_plan_rejects_unknown_schema_and_bad_bits(recipe, tmp_path):
     (tmp_path / "v.json").write_text(json.dumps(data))
     with pytest.raises(CpiError, match="schema_version 99 is not supported"):
         CorePlan.load(tmp_path / "v.json")
-    data["schema_version"] = 1
+    data["schema_version"] = 2
     data["tasks"][0]["core_threshold_bits"] = "0x00000001"
     (tmp_path / "b.json").write_text(json.dumps(data))
     with pytest.raises(CpiError, match="does not match its bit pattern"):
@@ -72,7 +73,7 @@ def test_output_inside_an_input_is_refused(recipe, tiny_family):
 
 
 def test_failure_leaves_no_output(recipe, tmp_path, monkeypatch):
-    import cpi_merge.plots as plots
+    import cpi_merge.report.plots as plots
 
     def broken(*a, **k):
         raise RuntimeError("disk full")

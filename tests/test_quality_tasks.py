@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.quality.evaluate import exact_match
 from benchmarks.quality.tasks import ALIAS, TASKS, examples, pretraining_mixture, split
-from consolidation.evaluate import exact_match
-from consolidation.tiny import char_tokenizer
+from benchmarks.tiny_models import char_tokenizer
 
 
 def solve(prompt: str) -> str:

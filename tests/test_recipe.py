@@ -7,8 +7,8 @@ import math
 import pytest
 import yaml
 
+from cpi_merge.config.recipe import DEFAULT_EPSILON, load_recipe, parse_recipe
 from cpi_merge.errors import RecipeError
-from cpi_merge.recipe import DEFAULT_EPSILON, load_recipe, parse_recipe
 
 
 def recipe(**overrides):

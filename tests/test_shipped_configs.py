@@ -26,14 +26,14 @@ def test_shipped_config(name, loader):
 def test_config_validation_lists_problems(tmp_path):
     bad = tmp_path / "c.yml"
     bad.write_text("model: m\ndata: {}\ntraining: {learning_rate: -1}\nfreeze: sometimes\n")
-    from cpi_merge.errors import RecipeError
+    from cpi_merge.errors import ConfigError
 
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(ConfigError) as err:
         load_consolidation_config(bad)
     text = str(err.value)
     assert "data" in text and "learning_rate" in text and "freeze" in text
     bad.write_text(
         "model: m\ndata: {a: b}\ntraining: {max_steps_per_stage: 5, epochs_per_stage: 1}\n"
     )
-    with pytest.raises(RecipeError, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         load_consolidation_config(bad)

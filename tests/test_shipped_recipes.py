@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 
-from cpi_merge.recipe import load_recipe
+from cpi_merge.config.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "merge_configs").glob("*.yml"))
 

@@ -6,11 +6,11 @@ import weakref
 
 import torch
 
-from cpi_merge.analysis import analyze
-from cpi_merge.checkpoints import Checkpoint
-from cpi_merge.delta_stream import DeltaStream
+from cpi_merge.analysis.delta_stream import DeltaStream
+from cpi_merge.commands import analyze
+from cpi_merge.io.checkpoints import Checkpoint
 
-from conftest import write_recipe
+from helpers.files import write_recipe
 
 
 def test_tensors_are_read_once_per_pass_and_released(tiny_family, tmp_path, monkeypatch):
@@ -51,7 +51,7 @@ def test_tensors_are_read_once_per_pass_and_released(tiny_family, tmp_path, monk
 
 def test_scratch_is_chunk_sized_not_model_sized(tiny_family, tmp_path):
     base, tasks = tiny_family
-    from cpi_merge.checkpoints import open_checkpoint
+    from cpi_merge.io.checkpoints import open_checkpoint
 
     b = open_checkpoint(str(base), role="base_model")
     ts = [open_checkpoint(str(t), role="t") for t in tasks]
@@ -61,7 +61,7 @@ def test_scratch_is_chunk_sized_not_model_sized(tiny_family, tmp_path):
 
 
 def test_sample_reads_evenly_spread_whole_blocks(tiny_family):
-    from cpi_merge.checkpoints import open_checkpoint
+    from cpi_merge.io.checkpoints import open_checkpoint
 
     base, tasks = tiny_family
     b = open_checkpoint(str(base), role="base_model")

@@ -36,8 +36,8 @@ def main() -> int:
 
     from benchmarks.quality.pipeline import SeedRun
     from benchmarks.quality.world import pretrained_base
-    from cpi_merge.plan import CorePlan
-    from cpi_merge.summary import format_summary
+    from cpi_merge.analysis.plan import CorePlan
+    from cpi_merge.report.summary import format_summary
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

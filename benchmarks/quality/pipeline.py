@@ -38,7 +38,7 @@ class SeedRun:
         if key not in self._scores:
             from transformers import AutoModelForCausalLM
 
-            from consolidation.evaluate import exact_match
+            from benchmarks.quality.evaluate import exact_match
             from consolidation.models import load_tokenizer
 
             if self._tokenizer is None:
@@ -87,7 +87,7 @@ class SeedRun:
         if not (out / "cpi_manifest.json").exists():
             from mergekit.options import MergeOptions
 
-            from cpi_merge.merge import merge
+            from cpi_merge.commands import merge
 
             recipe = self._yaml(
                 f"cpi_p{p:g}.yml", self._cpi_recipe(list(self.probes().values()), p, self.s.tau)
@@ -110,7 +110,7 @@ class SeedRun:
         name = name or f"plan_p{p:g}_tau{tau:g}"
         out = self.root / name
         if not (out / "cpi_plan.json").exists():
-            from cpi_merge.analysis import analyze
+            from cpi_merge.commands import analyze
 
             recipe = self._yaml(f"{name}.yml", self._cpi_recipe(models, p, tau))
             analyze(
@@ -174,13 +174,12 @@ class SeedRun:
             return out
         from consolidation.stages import consolidate
 
-        plan_data = json.loads(plan.read_text())
-        by_task = {Path(t["model"]).name: t["model"] for t in plan_data["tasks"]}
+        names = [t["name"] for t in json.loads(plan.read_text())["tasks"]]
         data = data or self.pools
         cfg = {
             "model": str(model),
             "plan": str(plan),
-            "data": {by_task[t]: str(data[t]) for t in by_task},
+            "data": {t: str(data[t]) for t in names},
             "samples_per_task": samples or self.s.samples_per_task,
             "seed": self.seed,
             "save_stages": True,

@@ -127,11 +127,11 @@ def pretrained_base(cache: Path, setting: Setting, *, progress: bool = False) ->
         return folder
     import torch
 
+    from benchmarks.tiny_models import char_tokenizer, tiny_llama
     from consolidation.config import TrainingConfig
     from consolidation.data import build_dataset, pad_collate, read_jsonl
     from consolidation.models import save_model
-    from consolidation.tiny import char_tokenizer, tiny_llama
-    from consolidation.training import build_optimizer, run_stage
+    from consolidation.training.trainer import build_optimizer, run_stage
 
     tokenizer = char_tokenizer()
     model = tiny_llama(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cpi_merge.cli.common import analysis_options, report_errors, setup_logging
@@ -21,19 +23,7 @@ from cpi_merge.cli.common import analysis_options, report_errors, setup_logging
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @report_errors
-def main(
-    recipe,
-    out_dir,
-    seed,
-    order,
-    strategy,
-    memory_budget,
-    force,
-    allow_pickle,
-    no_plots,
-    quiet,
-    verbose,
-):
+def main(recipe, out_dir, analysis, force, allow_pickle, no_plots, quiet, verbose):
     """Analyse RECIPE (a `merge_method: cpi` mergekit recipe) and write OUT/cpi_plan.json.
 
     Reads every checkpoint tensor by tensor through mergekit's loader, finds each task's
@@ -41,24 +31,21 @@ def main(
     overlaps of the cores, the task groups (Jaccard >= tau) and their stage order.
     """
     setup_logging(verbose, quiet)
-    from cpi_merge.analysis import analyze
-    from cpi_merge.summary import format_summary
+    from cpi_merge.commands import analyze
+    from cpi_merge.report.summary import format_summary
 
     plan = analyze(
         recipe,
         out_dir,
-        seed=seed,
-        order=order,
-        strategy=strategy,
-        memory_budget=memory_budget,
         force=force,
-        progress=not quiet,
         allow_pickle=allow_pickle,
         plots=not no_plots,
+        progress=not quiet,
+        **analysis,
     )
     if not quiet:
         click.echo(format_summary(plan))
-        written = ["cpi_plan.json"] + ([] if no_plots else ["jaccard.png", "core_map.png"])
+        written = sorted(p.name for p in Path(out_dir).iterdir())
         click.echo(f"\nWrote {', '.join(f'{out_dir}/{w}' for w in written)}")
 
 

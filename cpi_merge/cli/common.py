@@ -60,8 +60,21 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     return parse_size(value) if value else None
 
 
+ANALYSIS_FIELDS = ("seed", "order", "strategy", "memory_budget")
+
+
 def analysis_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by every command that runs the analysis (and writes a folder)."""
+    """Options shared by every command that runs the analysis (and writes a folder).
+
+    The command receives ``force``, ``allow_pickle`` and ``analysis``: a dict of
+    :class:`~cpi_merge.analysis.run.AnalysisOptions` fields.
+    """
+
+    @functools.wraps(func)
+    def collect(*args: Any, **kwargs: Any) -> Any:
+        kwargs["analysis"] = {name: kwargs.pop(name) for name in ANALYSIS_FIELDS}
+        return func(*args, **kwargs)
+
     options = [
         click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
         click.option(
@@ -97,5 +110,5 @@ def analysis_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
     ]
     for option in reversed(options):
-        func = option(func)
-    return func
+        collect = option(collect)
+    return collect

@@ -1,60 +1,59 @@
-"""``cpi-merge``: analysis + mergekit merge with the ``cpi`` method, every mergekit option kept."""
+"""The ``cpi-merge`` console entry point: parse the command line, start hashing, then merge.
+
+Importing mergekit (torch, transformers, peft) takes seconds on one core. The SHA-256 of
+the input checkpoints for the manifest does not depend on anything mergekit does, so
+this small command parses the command line first (without mergekit's options: they are
+handed on untouched), creates the :class:`~cpi_merge.io.manifest.Manifest` and starts
+hashing the recipe's local folders in the background, and only then imports the full
+command (:mod:`cpi_merge.cli.merge_command`), which parses everything again with
+mergekit's options and receives the manifest. Early hashing is best effort: when the
+recipe is not the first argument, or cannot be read, the merge hashes its inputs itself.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
-
-from cpi_merge.cli.common import analysis_options, report_errors, setup_logging
 
 
-@click.command("cpi-merge", cls=PrettyPrintHelp)
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.argument("out_path", type=click.Path(file_okay=False))
-@analysis_options
-@click.option(
-    "--no-checksums", is_flag=True, help="Skip SHA-256 of inputs and outputs in cpi_manifest.json."
+def local_inputs(recipe: str | None) -> list[str]:
+    """The local model folders of a recipe file, when it can be read cheaply (else none)."""
+    if not recipe or not recipe.endswith((".yml", ".yaml")) or not Path(recipe).is_file():
+        return []
+    from cpi_merge.config.recipe import load_recipe
+    from cpi_merge.errors import CpiError
+
+    try:
+        parsed = load_recipe(recipe)
+    except CpiError:  # the command itself reports a bad recipe, properly
+        return []
+    refs = [parsed.base_model] + [m.model for m in parsed.models]
+    return [r for r in refs if Path(r).is_dir()]
+
+
+@click.command(
+    "cpi-merge",
+    add_help_option=False,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
-@add_merge_options
-@report_errors
-def main(
-    merge_options: MergeOptions,
-    recipe,
-    out_path,
-    force,
-    seed,
-    order,
-    strategy,
-    memory_budget,
-    allow_pickle,
-    no_checksums,
-):
-    """Merge the models of RECIPE (a `merge_method: cpi` recipe) into OUT_PATH.
+@click.argument("recipe", required=False)
+@click.argument("out_path", required=False)
+@click.option("--no-checksums", is_flag=True)
+@click.option("-h", "--help", "show_help", is_flag=True)
+@click.pass_context
+def main(ctx: click.Context, recipe, out_path, no_checksums, show_help) -> None:
+    """Start hashing RECIPE's inputs, then run the full ``cpi-merge`` command."""
+    from cpi_merge.io.manifest import Manifest
 
-    Runs the core analysis unless every task has a core_threshold, then mergekit's own
-    merge with the cpi method: core entries are copied from their task, the rest is
-    SLERP-fused. OUT_PATH is a Hugging Face model folder plus cpi_plan.json.
-    """
-    setup_logging(merge_options.verbosity, merge_options.quiet)
-    merge_options.apply_global_options()
-    from cpi_merge.merge import merge
-    from cpi_merge.summary import format_summary
+    manifest = Manifest(enabled=not no_checksums)
+    if not show_help:
+        manifest.hash_inputs(local_inputs(recipe))
+    from cpi_merge.cli import merge_command
 
-    result = merge(
-        recipe,
-        out_path,
-        options=merge_options,
-        force=force,
-        seed=seed,
-        order=order,
-        strategy=strategy,
-        memory_budget=memory_budget,
-        allow_pickle=allow_pickle,
-        checksums=not no_checksums,
-    )
-    if not merge_options.quiet:
-        click.echo(format_summary(result.plan))
-        click.echo(f"\nWrote the merged model to {result.out_dir}")
+    args = [a for a in (recipe, out_path) if a is not None] + ctx.args
+    args += ["--no-checksums"] * no_checksums + ["--help"] * show_help
+    merge_command.command.main(args=args, prog_name="cpi-merge", obj=manifest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,207 @@
+"""Stream |θi − θ0| over a whole model, one tensor at a time, in bounded float32 chunks.
+
+Only the base tensor and the task tensors of the current name are held (in their stored
+dtype); the float32 work happens in reused chunk buffers, so peak memory does not grow
+with the model. Every chunk is checked for NaN/Inf (a single NaN would silently drop out
+of every comparison), and per-task update norms are accumulated on the first pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from cpi_merge.analysis.selection import DeltaChunk
+from cpi_merge.errors import NonFiniteError
+from cpi_merge.io.checkpoints import Checkpoint, TensorInfo
+
+DEFAULT_CHUNK_ENTRIES = 1 << 22
+DEFAULT_SAMPLE_ENTRIES = 1 << 22
+SAMPLE_BLOCK = 4096
+
+
+@dataclass
+class UpdateStats:
+    """Per-task statistics gathered while streaming (first pass only)."""
+
+    delta_sq: list[float]
+    base_sq: float = 0.0
+
+    def relative_norms(self) -> list[float]:
+        """‖θi − θ0‖ / ‖θ0‖ per task."""
+        base = math.sqrt(self.base_sq)
+        return [math.sqrt(d) / base if base > 0 else math.inf for d in self.delta_sq]
+
+
+def _nonfinite_report(name: str, inputs: Sequence[tuple[str, torch.Tensor]]) -> NonFiniteError:
+    parts = []
+    for label, tensor in inputs:
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        if nan or inf:
+            parts.append(f"{label} has {nan:,} NaN and {inf:,} Inf entries")
+    if not parts:
+        return NonFiniteError(
+            f"tensor {name!r}: |θi − θ0| overflows float32 (inputs near ±3.4e38); "
+            "such checkpoints cannot be compared"
+        )
+    return NonFiniteError(
+        f"tensor {name!r}: " + "; ".join(parts) + ". NaN/Inf would poison every merge; "
+        "repair or drop the checkpoint (this check stops at the first such tensor)"
+    )
+
+
+class DeltaStream:
+    """Callable that yields a fresh pass of :class:`DeltaChunk` over all tensors.
+
+    Args:
+        base: θ0.
+        tasks: θ1..θN, each with the same tensors as the base.
+        tensors: The tensors to stream, in order (global offsets follow this order).
+        cast: The recipe's ``dtype``: inputs are cast to it first, exactly as mergekit's
+            loader does, so the analysis sees the values the merge will see.
+        chunk_entries: Float32 scratch size per buffer, in entries.
+        progress: Show a progress bar.
+
+    """
+
+    def __init__(
+        self,
+        base: Checkpoint,
+        tasks: Sequence[Checkpoint],
+        tensors: Sequence[TensorInfo],
+        *,
+        cast: torch.dtype | None = None,
+        chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
+        progress: bool = True,
+    ):
+        self.base = base
+        self.tasks = list(tasks)
+        self.tensors = list(tensors)
+        self.cast = cast
+        self.progress = progress
+        self.offsets: list[int] = []
+        total = 0
+        for t in self.tensors:
+            self.offsets.append(total)
+            total += t.numel
+        self.total = total
+        self.chunk_entries = max(1, min(chunk_entries, max((t.numel for t in tensors), default=1)))
+        self.stats = UpdateStats(delta_sq=[0.0] * len(self.tasks))
+        self._passes = 0
+
+    def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        x = ckpt.get(name)
+        if self.cast is not None and x.dtype != self.cast:
+            x = x.to(self.cast)
+        return x.reshape(-1)
+
+    def sample(
+        self, entries: int = DEFAULT_SAMPLE_ENTRIES, block: int = SAMPLE_BLOCK
+    ) -> list[torch.Tensor]:
+        """|Δ| of every task at about ``entries`` positions spread over the whole stream.
+
+        The positions are contiguous blocks of ``block`` entries, evenly spaced in every
+        tensor, as many as the tensor's share of the sample rounds to (tensors whose
+        share is under half a block are left out), so only those blocks are read: a
+        small fraction of a pass. When the stream holds no more than
+        ``entries`` entries, the sample is all of it. Values are neither checked nor
+        counted here (the pass that follows does that).
+
+        Returns:
+            One float32 tensor per task.
+        """
+        fraction = min(1.0, entries / max(self.total, 1))
+        parts: list[list[torch.Tensor]] = [[] for _ in self.tasks]
+        for info in self.tensors:
+            blocks = None  # None: the whole tensor
+            if fraction < 1.0:
+                rows = info.numel // block
+                take = round(info.numel * fraction / block)
+                if rows == 0 or take == 0:
+                    continue
+                blocks = (rows, min(take, rows), block)
+            base = self._sampled(self.base, info.name, blocks)
+            for part, task in zip(parts, self.tasks, strict=True):
+                part.append(self._sampled(task, info.name, blocks).sub_(base).abs_())
+        return [torch.cat(p) if p else torch.empty(0) for p in parts]
+
+    def _sampled(
+        self, ckpt: Checkpoint, name: str, blocks: tuple[int, int, int] | None
+    ) -> torch.Tensor:
+        """``take`` evenly spaced of a tensor's ``rows`` blocks of ``size``, cast, float32."""
+        x = ckpt.get(name).reshape(-1)
+        if blocks is not None:
+            rows, take, size = blocks
+            picked = torch.linspace(0, rows - 1, take).round().long()  # exactly take blocks
+            x = x[: rows * size].view(rows, size)[picked].reshape(-1)
+        if self.cast is not None and x.dtype != self.cast:
+            x = x.to(self.cast)
+        return x.to(torch.float32, copy=True)  # a copy: the caller works on it in place
+
+    def __call__(self, desc: str = "core regions") -> Iterator[DeltaChunk]:
+        """Stream one pass.
+
+        Args:
+            desc: Label of the progress bar.
+
+        Yields:
+            One :class:`DeltaChunk` per chunk; its buffers are reused by the next one.
+
+        Raises:
+            NonFiniteError: An input holds NaN or Inf (names the tensor and models).
+
+        """
+        first_pass = self._passes == 0
+        self._passes += 1
+        n = self.chunk_entries
+        base_buf = torch.empty(n, dtype=torch.float32)
+        delta_bufs = [torch.empty(n, dtype=torch.float32) for _ in self.tasks]
+        bar = tqdm(
+            total=self.total,
+            desc=desc,
+            unit="entry",
+            unit_scale=True,
+            disable=not self.progress,
+            leave=False,
+        )
+        try:
+            for index, (info, offset) in enumerate(zip(self.tensors, self.offsets, strict=True)):
+                base = self._load(self.base, info.name)
+                tasks = [self._load(t, info.name) for t in self.tasks]
+                for start in range(0, info.numel, n):
+                    stop = min(start + n, info.numel)
+                    m = stop - start
+                    b = base_buf[:m].copy_(base[start:stop])
+                    deltas = [
+                        buf[:m].copy_(task[start:stop]).sub_(b).abs_()
+                        for buf, task in zip(delta_bufs, tasks, strict=True)
+                    ]
+                    if first_pass:  # later passes see the same, already checked values
+                        self._accumulate(info.name, b, deltas, base, tasks)
+                    yield DeltaChunk(index, offset + start, tuple(deltas))
+                    bar.update(m)
+                del base, tasks
+        finally:
+            bar.close()
+
+    def _accumulate(self, name, b, deltas, base, tasks) -> None:
+        """Add to the norms; a non-finite sum reveals NaN/Inf at no extra cost."""
+        stats = self.stats
+        stats.base_sq += float(torch.dot(b, b))
+        for i, d in enumerate(deltas):
+            sq = float(torch.dot(d, d))
+            if not math.isfinite(sq) and not bool(torch.isfinite(d).all()):
+                raise self._nonfinite(name, base, tasks)
+            stats.delta_sq[i] += sq
+
+    def _nonfinite(
+        self, name: str, base: torch.Tensor, tasks: list[torch.Tensor]
+    ) -> NonFiniteError:
+        inputs = [(f"base_model {self.base.reference!r}", base)]
+        inputs += [(f"model {c.reference!r}", t) for c, t in zip(self.tasks, tasks, strict=True)]
+        return _nonfinite_report(name, inputs)

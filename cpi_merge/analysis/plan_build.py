@@ -1,0 +1,115 @@
+"""Building a :class:`~cpi_merge.analysis.plan.CorePlan` from an exact selection.
+
+Or from thresholds given in the recipe (no pass over the data: no counts or groups).
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from cpi_merge.analysis.grouping import StageOrder, group_tasks, jaccard_matrix, order_stages
+from cpi_merge.analysis.plan import CorePlan, TaskCore, TensorRecord, threshold_record
+from cpi_merge.analysis.selection import CoreSelection
+from cpi_merge.analysis.sizing import core_size
+from cpi_merge.io.checkpoints import resolved_reference
+from cpi_merge.io.opened import OpenedModels
+from cpi_merge.provenance import package_version
+
+
+def _tensor_records(opened: OpenedModels) -> list[TensorRecord]:
+    return [TensorRecord(name=t.name, shape=list(t.shape), numel=t.numel) for t in opened.tensors]
+
+
+def _common(opened: OpenedModels, total: int, k: int) -> dict:
+    recipe = opened.recipe
+    return dict(
+        created_by=package_version(),
+        base_model=resolved_reference(recipe.base_model),
+        dtype=recipe.dtype,
+        total_parameters=total,
+        k=k,
+        core_fraction=recipe.parameters.core_fraction,
+        tau=recipe.parameters.tau,
+        tensors=_tensor_records(opened),
+    )
+
+
+def build_plan(
+    opened: OpenedModels,
+    selection: CoreSelection,
+    *,
+    total: int,
+    k: int,
+    relative_norms: list[float],
+    seed: int,
+    order: StageOrder,
+    strategy: str,
+) -> CorePlan:
+    """The plan of an exact selection: thresholds, counts, overlaps, groups, stage order.
+
+    Args:
+        opened: The opened models (recipe, tensors).
+        selection: The exact selection, tasks in recipe order.
+        total: D, entries analysed.
+        k: Entries per core.
+        relative_norms: ‖θi − θ0‖ / ‖θ0‖ per task.
+        seed: Seed of the random stage order.
+        order: ``random`` or ``given``.
+        strategy: The strategy that ran.
+    """
+    names = [t.name for t in opened.tensors]
+    tasks = opened.recipe.tasks
+    labels = opened.task_names
+    jaccard = jaccard_matrix(selection.intersections)
+    groups = order_stages(group_tasks(jaccard, opened.recipe.parameters.tau), order, seed)
+    cores = []
+    for i, entry in enumerate(tasks):
+        value, bits = threshold_record(selection.thresholds[i])
+        cores.append(
+            TaskCore(
+                name=labels[i],
+                model=resolved_reference(entry.model),
+                core_threshold=value,
+                core_threshold_bits=bits,
+                core_count=int(selection.intersections[i][i]),
+                relative_update_norm=relative_norms[i],
+                per_tensor={n: int(c) for n, c in zip(names, selection.counts[i], strict=True)},
+            )
+        )
+    return CorePlan(
+        **_common(opened, total, k),
+        seed=seed,
+        order=order,
+        strategy=strategy,
+        tasks=cores,
+        intersections=selection.intersections.tolist(),
+        jaccard=jaccard.tolist(),
+        groups=[[labels[i] for i in g] for g in groups],
+    )
+
+
+def plan_from_thresholds(opened: OpenedModels, thresholds: list[float]) -> CorePlan:
+    """A plan for thresholds given in the recipe: no pass over the data, so no overlaps.
+
+    Args:
+        opened: The opened models.
+        thresholds: ``t_i`` per task, in recipe order.
+
+    """
+    total = sum(t.numel for t in opened.tensors)
+    cores = []
+    for entry, name, t in zip(opened.recipe.tasks, opened.task_names, thresholds, strict=True):
+        value, bits = threshold_record(float(numpy.float32(t)))
+        cores.append(
+            TaskCore(
+                name=name,
+                model=resolved_reference(entry.model),
+                core_threshold=value,
+                core_threshold_bits=bits,
+            )
+        )
+    return CorePlan(
+        **_common(opened, total, core_size(opened.recipe.parameters.core_fraction, total)),
+        source="recipe",
+        tasks=cores,
+    )

@@ -1,0 +1,57 @@
+"""How many entries a core holds, and which exact selection strategy fits in memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from decimal import Decimal
+from typing import Literal
+
+from cpi_merge.analysis.select_buffer import BUFFER_BYTES_PER_CORE_ENTRY
+from cpi_merge.errors import RecipeError
+
+LOG = logging.getLogger(__name__)
+Strategy = Literal["auto", "buffer", "histogram"]
+STRATEGIES = ("auto", "buffer", "histogram")
+
+
+def core_size(core_fraction: float, total: int) -> int:
+    """K = floor(p · D), exact for p's decimal value (0.29 × 100 is 29, not 28).
+
+    Raises:
+        RecipeError: k would be 0 (p selects nothing).
+
+    """
+    k = int(Decimal(repr(core_fraction)) * total)
+    if k < 1:
+        raise RecipeError(
+            f"parameters.core_fraction: {core_fraction} selects floor(p × D) = 0 of the "
+            f"D = {total:,} entries; use core_fraction >= {1 / total:.3g}"
+        )
+    return k
+
+
+def default_memory_budget() -> int:
+    """40% of physical memory, in bytes."""
+    try:
+        return int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def choose_strategy(strategy: Strategy, *, n_tasks: int, k: int, memory_budget: int) -> str:
+    """Pick ``buffer`` (one pass) unless its worst-case memory exceeds the budget.
+
+    The buffer peaks at about 3k (value, index) pairs per task: 36 bytes per core entry.
+    """
+    if strategy != "auto":
+        return strategy
+    need = n_tasks * k * BUFFER_BYTES_PER_CORE_ENTRY
+    chosen = "buffer" if need <= memory_budget else "histogram"
+    LOG.info(
+        "strategy %s: buffer needs up to %.2f GB, budget %.2f GB",
+        chosen,
+        need / 1e9,
+        memory_budget / 1e9,
+    )
+    return chosen

@@ -1,0 +1,196 @@
+"""``cpi-analyze`` and ``cpi-merge`` as Python functions: the whole pipeline, files included.
+
+:func:`analyze`: recipe → open and check every checkpoint → the exact analysis
+(:mod:`cpi_merge.analysis`) → ``cpi_plan.json`` and pictures. :func:`merge`: the same
+analysis (unless every task has ``core_threshold``), then mergekit's own merge with the
+``cpi`` method (:mod:`cpi_merge.fusion`) into a Hugging Face model folder plus
+``cpi_plan.json``, the pictures, ``mergekit_config.yml`` (the resolved recipe: thresholds
+filled in, local folders as absolute paths) and ``cpi_manifest.json`` (sizes and SHA-256
+of every input and output file, written last). Output folders appear only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpi_merge.analysis.plan import CorePlan
+from cpi_merge.analysis.plan_build import plan_from_thresholds
+from cpi_merge.analysis.run import AnalysisOptions, run_analysis
+from cpi_merge.config.recipe import CpiRecipe, load_recipe
+from cpi_merge.errors import OutputError
+from cpi_merge.fusion.recipe_for_mergekit import recipe_thresholds, resolved_recipe
+from cpi_merge.io.manifest import Manifest
+from cpi_merge.io.opened import OpenedModels, open_models
+from cpi_merge.io.output_dir import check_output_location, staged_output
+from cpi_merge.report.model_card import cpi_card_section
+from cpi_merge.report.plan_files import write_plan_files, write_plan_folder, write_plan_pictures
+
+LOG = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge` produced."""
+
+    out_dir: Path
+    plan: CorePlan
+
+
+def _stored_dtype(opened: OpenedModels) -> str:
+    ckpt = opened.models[opened.recipe.models.index(opened.recipe.fusion_base)]
+    counts = Counter(str(t.dtype).removeprefix("torch.") for t in ckpt.float_tensors)
+    return counts.most_common(1)[0][0]
+
+
+def _without_missing_tokenizer(options, base_path: str):
+    """Don't ask mergekit to copy a tokenizer the base does not have (it would log a trace)."""
+    has = any(os.path.exists(os.path.join(base_path, f)) for f in TOKENIZER_FILES)
+    if options.copy_tokenizer and not has:
+        LOG.warning("base model %s has no tokenizer files; none copied", base_path)
+        return options.model_copy(update={"copy_tokenizer": False})
+    return options
+
+
+def _check_tokenizer(base_path: str, out: Path, copy_tokenizer: bool) -> None:
+    if not copy_tokenizer or not os.path.exists(os.path.join(base_path, "tokenizer_config.json")):
+        return
+    if not (out / "tokenizer_config.json").exists():
+        raise OutputError(
+            f"the base model's tokenizer ({base_path}) was not copied to the output (mergekit "
+            "logged the reason above); fix it or pass --no-copy-tokenizer"
+        )
+
+
+def merge(
+    recipe: CpiRecipe | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    options=None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    checksums: bool = True,
+    manifest: Manifest | None = None,
+    **analysis_options: Any,
+) -> MergeResult:
+    """Run the analysis (unless every task has ``core_threshold``) and mergekit's merge.
+
+    Args:
+        recipe: A :class:`CpiRecipe` or the path of a YAML recipe.
+        out_dir: The output model folder (new or empty unless ``force``).
+        options: mergekit ``MergeOptions`` (``--cuda``, ``--out-shard-size``...); defaults.
+        force: Replace a non-empty ``out_dir``.
+        allow_pickle: Accept pickle (``.bin``) checkpoints.
+        checksums: Record SHA-256 of inputs and outputs in the manifest.
+        manifest: A :class:`Manifest` already hashing the inputs (the command line starts
+            one before mergekit is imported); default: a new one (``checksums``).
+        **analysis_options: Fields of :class:`~cpi_merge.analysis.run.AnalysisOptions`
+            (``seed``, ``order``, ``strategy``, ``memory_budget``...); progress bars
+            follow mergekit's ``quiet``.
+
+    Returns:
+        The output folder and the plan used.
+
+    Raises:
+        CpiError: Bad recipe, checkpoints or output location, before any merging.
+
+    """
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from cpi_merge.fusion.method import register_cpi_method
+
+    options = options or MergeOptions()
+    settings = AnalysisOptions(**{"progress": not options.quiet, **analysis_options})
+    manifest = manifest or Manifest(enabled=checksums)
+    if not isinstance(recipe, CpiRecipe):
+        recipe = load_recipe(recipe)
+    opened = open_models(recipe, allow_pickle=allow_pickle)
+    check_output_location(out_dir, force=force, inputs=opened.local_folders)
+    given = recipe_thresholds(recipe)
+    method = register_cpi_method()
+    inputs = [(role, c.reference, c.path) for role, c in opened.roles()]
+    manifest.hash_inputs(path for _, _, path in inputs)
+    try:
+        cores = None
+        if given is None:
+            # Tokenizer options rearrange embedding rows: not the analysed values.
+            keep = not (recipe.tokenizer_source or recipe.tokenizer)
+            analysis = run_analysis(opened, settings, keep_cores=keep)
+            plan, cores = analysis.plan, analysis.cores
+        else:
+            plan = plan_from_thresholds(opened, given)
+        resolved = resolved_recipe(recipe, plan, _stored_dtype(opened))
+        config_source = yaml.safe_dump(resolved, sort_keys=False)
+        config = MergeConfiguration.model_validate(resolved)
+        options = _without_missing_tokenizer(options, opened.base.path)
+        with staged_output(out_dir, force=force, inputs=opened.local_folders) as tmp:
+            write_plan_files(plan, tmp, plots=False)  # cpi_plan.json, before the hashes
+            with method.configured(cores):
+                run_merge(config, str(tmp), options=options, config_source=config_source)
+            del cores
+            _check_tokenizer(opened.base.path, tmp, options.copy_tokenizer)
+            # The pictures are pure Python: drawn beside the merge they slowed it down by
+            # holding the GIL; here they overlap with hashing the output, which does not.
+            manifest.hash_output(tmp)
+            write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
+            card = tmp / "README.md"
+            if options.write_model_card and card.exists():
+                # mergekit titles the card with the folder it wrote to: the temporary one.
+                text = card.read_text(encoding="utf-8").replace(
+                    f"# {tmp.name}\n", f"# {Path(out_dir).resolve().name}\n", 1
+                )
+                card.write_text(text + cpi_card_section(plan, recipe), encoding="utf-8")
+            manifest.write(tmp, inputs, created_by=plan.created_by, mergekit=version("mergekit"))
+    finally:
+        manifest.cancel()
+    return MergeResult(Path(out_dir), plan)
+
+
+def analyze(
+    recipe: CpiRecipe | str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+    plots: bool = True,
+    **options: Any,
+) -> CorePlan:
+    """Find every task's exact core region, the overlaps, groups and stage order.
+
+    Args:
+        recipe: A :class:`CpiRecipe` or the path of a YAML recipe.
+        out_dir: Folder to write ``cpi_plan.json`` and pictures into (created; replaced
+            only with ``force``). ``None`` writes nothing.
+        force: Replace a non-empty ``out_dir``.
+        allow_pickle: Accept pickle checkpoints (unsafe).
+        plots: Also write the pictures.
+        **options: Fields of :class:`AnalysisOptions` (``seed``, ``order``,
+            ``strategy``, ``memory_budget``, ``progress``, ``chunk_entries``).
+
+    Returns:
+        The plan.
+
+    Raises:
+        RecipeError, CheckpointError, NonFiniteError, DegenerateTaskError, OutputError:
+            With the model, tensor and value at fault.
+
+    """
+    settings = AnalysisOptions(**options)
+    if not isinstance(recipe, CpiRecipe):
+        recipe = load_recipe(recipe)
+    opened = open_models(recipe, allow_pickle=allow_pickle)
+    if out_dir is not None:
+        check_output_location(out_dir, force=force, inputs=opened.local_folders)
+    plan = run_analysis(opened, settings).plan
+    if out_dir is not None:
+        write_plan_folder(plan, out_dir, force=force, plots=plots, inputs=opened.local_folders)
+    return plan

@@ -1,0 +1,165 @@
+"""Stage 3 on one tensor: core overwrite, then SLERP fusion of the non-core entries.
+
+Pure tensor maths (no mergekit types), used by the ``cpi`` merge method:
+
+1. Core overwrite (:mod:`~cpi_merge.fusion.claims`). A core entry takes ``θi[j]`` bit
+   for bit; when several tasks claim it, the largest ``|θi[j] − θ0[j]|`` wins, ties to
+   the first listed.
+2. Non-core entries start from the fusion base and fold in every other model, in recipe
+   order: ``x ← SLERP(x, θi, ωi)`` over the vector of this tensor's non-core entries
+   (:mod:`~cpi_merge.fusion.fold`), formed once, in float32, in bounded chunks.
+
+No step gathers or scatters the non-core entries; memory beyond the output is a few
+chunk buffers plus the positions of the core entries.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cpi_merge.analysis.core_rule import thresholds_as_float32
+from cpi_merge.errors import NonFiniteError
+from cpi_merge.fusion.claims import NO_POSITIONS, find_claims, known_claims, owners
+from cpi_merge.fusion.fold import fold_coefficients, gram_matrix
+
+CHUNK_ENTRIES = 1 << 22
+
+
+class _Workspace(threading.local):
+    """Scratch buffers reused across tensors: fresh large allocations cost page faults."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self.buffers[key] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
+
+
+_WORKSPACE = _Workspace()
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise if ``x`` holds NaN/Inf: one dot product, a full check only if it overflows."""
+    if not math.isfinite(float(torch.dot(x, x))) and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} holds NaN/Inf")
+
+
+def fuse_tensor(
+    theta0: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    *,
+    thresholds: Sequence[float | None],
+    omegas: Sequence[float],
+    fusion_base: int,
+    epsilon: float,
+    chunk_entries: int = CHUNK_ENTRIES,
+    core_positions: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Fuse one tensor: core entries copied from their task, the rest SLERP-folded.
+
+    Args:
+        theta0: θ0.
+        models: Every model of the recipe, in order (same shape and dtype as θ0).
+        thresholds: ``t_i`` (> 0) for tasks, ``None`` for models that are not tasks.
+        omegas: ω per model (the factor used when that model is folded in).
+        fusion_base: Index of θbase in ``models``.
+        epsilon: Colinearity angle for SLERP.
+        chunk_entries: Entries per float32 work chunk.
+        core_positions: Optional, per model: the ascending flat positions where
+            ``|θi − θ0| >= t_i`` (``None`` for models that are not tasks), as found by an
+            analysis of these same values that also checked θ0 and the tasks for NaN/Inf.
+            The result is the same; only the full-size comparisons are skipped. If Δ
+            is below ``t_i`` at one of them (not the analysed values), they are ignored.
+
+    Returns:
+        The fused tensor, in the fusion base's dtype. Inputs are not modified.
+
+    Raises:
+        NonFiniteError: A model (or θ0, when ``core_positions`` is not given) holds NaN/Inf.
+    """
+    n_models = len(models)
+    thresholds = thresholds_as_float32(thresholds)
+    base_flat = theta0.reshape(-1)
+    flats = [m.reshape(-1) for m in models]
+    total = base_flat.numel()
+    width = min(chunk_entries, max(total, 1))
+    rows = _WORKSPACE.take("rows", n_models * width, torch.float32).view(n_models, width)
+
+    others = [i for i, t in enumerate(thresholds) if t is None]
+    known_at = known_of = None
+    known = None
+    if core_positions is not None:
+        known = known_claims(base_flat, flats, thresholds, core_positions)
+    if known is not None:
+        known_at, known_of = owners(known)
+        edges = torch.arange(0, total + chunk_entries, chunk_entries)
+        bounds = torch.searchsorted(known_at, edges).tolist()
+    else:
+        base_buf = _WORKSPACE.take("base", width, torch.float32)
+        scratch = _WORKSPACE.take("scratch", width, torch.float32)
+        mask = _WORKSPACE.take("mask", width, torch.bool)
+
+    # Pass 1: core owners and the Gram matrix of the non-core entries.
+    gram = np.zeros((n_models, n_models))
+    core_at, core_of = [], []
+    for index, start in enumerate(range(0, total, chunk_entries)):
+        stop = min(start + chunk_entries, total)
+        m = stop - start
+        v = rows[:, :m]
+        for i, flat in enumerate(flats):
+            v[i].copy_(flat[start:stop])
+        if known_at is None:
+            base = base_buf[:m].copy_(base_flat[start:stop])
+            _check_finite(base, "θ0")
+            at, owner = owners(find_claims(base, list(v), thresholds, scratch[:m], mask[:m]))
+            core_at.append(at + start)
+            core_of.append(owner)
+        else:
+            at = known_at[bounds[index] : bounds[index + 1]] - start
+        if at.numel():
+            # Zeroing hides these columns from the Gram check below: look at them first
+            # (tasks were already checked through their Δ).
+            for i in others:
+                if not bool(torch.isfinite(v[i].index_select(0, at)).all()):
+                    raise NonFiniteError("a model that is not a task holds NaN/Inf")
+            v.index_fill_(1, at, 0.0)
+        gram += gram_matrix(v)
+    if not np.isfinite(gram).all():
+        raise NonFiniteError("a model holds NaN/Inf (or the norms overflow)")
+    coef = fold_coefficients(gram, fusion_base, omegas, epsilon).astype(np.float32).tolist()
+
+    # Pass 2: the fold as one linear combination, then the core entries copied bit for bit.
+    result = torch.empty(total, dtype=models[fusion_base].dtype)
+    folded = _WORKSPACE.take("folded", width, torch.float32)
+    for start in range(0, total, chunk_entries):
+        stop = min(start + chunk_entries, total)
+        v = rows[:, : stop - start]
+        if total > chunk_entries:  # one chunk: the rows of pass 1 are still there
+            for i, flat in enumerate(flats):
+                v[i].copy_(flat[start:stop])
+        # Σ c_m v_m, row by row (faster than a matrix-vector product on CPU); core
+        # entries (zeroed in pass 1) are set below.
+        acc = torch.mul(v[0], coef[0], out=folded[: stop - start])
+        for i in range(1, n_models):
+            acc.add_(v[i], alpha=coef[i])
+        result[start:stop].copy_(acc)
+    if known_at is not None:
+        at, of = known_at, known_of
+    elif core_at:
+        at, of = torch.cat(core_at), torch.cat(core_of)
+    else:  # an empty tensor
+        at, of = NO_POSITIONS, NO_POSITIONS
+    if at.numel():
+        for i, t in enumerate(thresholds):
+            if t is not None:
+                mine = at[of == i]
+                result[mine] = flats[i][mine]
+    return result.reshape(theta0.shape)

@@ -1,0 +1,168 @@
+"""The ``cpi`` merge method for mergekit: a thin adapter over the fusion kernel.
+
+mergekit has no plugin discovery, so the method must be registered explicitly before a
+merge runs (``cpi-merge`` does it for you)::
+
+    from cpi_merge.fusion.method import register_cpi_method
+    register_cpi_method()            # refuses if another method already took the name
+
+Per tensor, mergekit hands the method θ0 (``base_model``) and every model of ``models:``
+in recipe order, already cast to the recipe's ``dtype``. Every task must carry its
+``core_threshold`` (``cpi-merge`` fills them in from the analysis).
+
+mergekit finds a method by its name, so there is one registered instance. ``cpi-merge``
+configures it for the duration of one merge with the core positions its analysis found
+(:meth:`CpiMethod.configured`): the method then touches only those entries instead of
+comparing every entry with its threshold. The result is the same either way; a second
+configuration while one is active (two merges in threads of one process) is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from mergekit.merge_methods import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    TensorGroup,
+    register,
+    registered_methods,
+)
+from mergekit.merge_methods.base import ParameterSpec as Param
+
+from cpi_merge.analysis.known_cores import KnownCores
+from cpi_merge.config.recipe import DEFAULT_CORE_FRACTION, DEFAULT_EPSILON, DEFAULT_TAU, METHOD_NAME
+from cpi_merge.errors import CheckpointError, CpiError, RecipeError
+from cpi_merge.fusion.kernel import fuse_tensor
+
+PAPER_URL = "https://arxiv.org/abs/2508.21741"
+UNSET = -1.0
+_EACH = ParameterScope.NON_BASE
+_SHARED = ParameterScope.SHARED
+
+
+class CpiMethod(GroupMergeMethod):
+    """CPI-FT fusion of one tensor group (see :mod:`cpi_merge.fusion.kernel`).
+
+    ``core_fraction`` and ``tau`` are accepted so that the recipe validates; they act in
+    the analysis, not here.
+    """
+
+    spec = MergeMethodSpec(
+        name=METHOD_NAME,
+        pretty_name="CPI-FT fusion (core parameter isolation + SLERP)",
+        reference_url=PAPER_URL,
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        parameters=(
+            Param("omega", float, _EACH, default=0.5),
+            Param("core_threshold", float, _EACH, default=UNSET),
+            Param("fusion_base", int, _EACH, default=0),
+            Param("task", int, _EACH, default=1),
+            Param("core_fraction", float, _SHARED, default=DEFAULT_CORE_FRACTION),
+            Param("tau", float, _SHARED, default=DEFAULT_TAU),
+            Param("epsilon", float, _SHARED, default=DEFAULT_EPSILON),
+        ),
+    )
+
+    def __init__(self) -> None:
+        self._cores: KnownCores | None = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def configured(self, cores: KnownCores | None) -> Iterator[CpiMethod]:
+        """Use ``cores`` (positions found by an analysis of these very inputs) in this block.
+
+        Raises:
+            CpiError: The method is already configured by another merge in this process.
+        """
+        if cores is None:
+            yield self
+            return
+        if not self._lock.acquire(blocking=False):
+            raise CpiError(
+                "the cpi method is already configured by another merge running in this "
+                "process; run merges one after another"
+            )
+        self._cores = cores
+        try:
+            yield self
+        finally:
+            self._cores = None
+            self._lock.release()
+
+    def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
+        """Fuse one tensor group."""
+        name = group.metadata.name or "<tensor>"
+        entries = group.non_base
+        theta0 = group.base.tensor
+        if not theta0.is_floating_point():
+            return theta0
+        task, threshold = params["task"], params["core_threshold"]
+        thresholds = []
+        for entry in entries:
+            if task[entry.id] == 0:
+                thresholds.append(None)
+                continue
+            t = threshold[entry.id]
+            if not (t > 0 and math.isfinite(t)):
+                raise RecipeError(
+                    f"tensor {name}: model {entry.id} has no core_threshold (got {t}); run "
+                    "cpi-merge, which computes them, or set models[].parameters.core_threshold"
+                )
+            thresholds.append(float(t))
+        flagged = [i for i, e in enumerate(entries) if params["fusion_base"][e.id] == 1]
+        if len(flagged) > 1:
+            raise RecipeError(f"fusion_base: 1 is set on {len(flagged)} models; set it on one")
+        omegas = [float(params["omega"][e.id]) for e in entries]
+        if any(not 0.0 <= w <= 1.0 for w in omegas):
+            raise RecipeError(f"omega must be in [0, 1]; got {omegas}")
+        cores = self._cores
+        # The kernel's scratch buffers live in CPU memory: with --cuda, the tensors mergekit
+        # moved to the GPU come back for the fusion (and the result goes back to the GPU).
+        device = theta0.device
+        try:
+            fused = fuse_tensor(
+                theta0.cpu(),
+                [e.tensor.cpu() for e in entries],
+                thresholds=thresholds,
+                omegas=omegas,
+                fusion_base=flagged[0] if flagged else len(entries) - 1,
+                epsilon=float(params["epsilon"]),
+                core_positions=(
+                    cores.for_tensor(name, thresholds, theta0.numel()) if cores else None
+                ),
+            )
+        except CheckpointError as exc:
+            raise type(exc)(f"tensor {name}: {exc}; no output was written") from None
+        return fused.to(device)
+
+
+def register_cpi_method() -> CpiMethod:
+    """Register the ``cpi`` method with mergekit (idempotent for this very method).
+
+    Returns:
+        The registered method (configure it per merge with :meth:`CpiMethod.configured`).
+
+    Raises:
+        CpiError: Another method already uses the name ``cpi``.
+
+    """
+    for method in registered_methods():
+        if method.spec.name == METHOD_NAME:
+            if isinstance(method, CpiMethod):
+                return method
+            raise CpiError(
+                f"mergekit already has a different merge method named {METHOD_NAME!r} "
+                f"({type(method).__name__}); refusing to replace it"
+            )
+    method = CpiMethod()
+    register(method)
+    return method

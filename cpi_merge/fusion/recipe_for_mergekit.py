@@ -1,0 +1,60 @@
+"""The recipe mergekit runs: thresholds, task and fusion-base flags explicit, local paths absolute.
+
+It is also what ``cpi-merge`` writes as ``mergekit_config.yml``, so ``mergekit-yaml`` (or
+``run_merge``) with the ``cpi`` method registered reproduces the merge without an analysis.
+"""
+
+from __future__ import annotations
+
+from cpi_merge.analysis.plan import CorePlan
+from cpi_merge.config.recipe import CpiRecipe
+from cpi_merge.errors import RecipeError
+from cpi_merge.io.checkpoints import resolved_reference
+
+
+def recipe_thresholds(recipe: CpiRecipe) -> list[float] | None:
+    """The tasks' ``core_threshold`` values if every task has one, else None.
+
+    Raises:
+        RecipeError: Some tasks have a threshold and others do not.
+
+    """
+    given = [m.parameters.core_threshold for m in recipe.tasks]
+    if all(t is None for t in given):
+        return None
+    if any(t is None for t in given):
+        missing = [m.model for m in recipe.tasks if m.parameters.core_threshold is None]
+        raise RecipeError(
+            f"core_threshold is set on some tasks but not on {missing}; set it on every "
+            "task (no analysis pass) or on none (cpi-merge runs the analysis)"
+        )
+    return [float(t) for t in given]
+
+
+def resolved_recipe(recipe: CpiRecipe, plan: CorePlan, out_dtype: str | None) -> dict:
+    """The recipe as mergekit will run it: thresholds, task and fusion-base flags explicit.
+
+    Args:
+        recipe: The validated recipe.
+        plan: The plan whose thresholds the merge uses (tasks matched by name).
+        out_dtype: Output dtype to set when the recipe sets neither dtype nor out_dtype.
+
+    Returns:
+        A plain dict, valid for both :func:`cpi_merge.config.recipe.parse_recipe` and
+        mergekit; local model folders are absolute paths.
+
+    """
+    doc = recipe.model_dump(mode="json", exclude_none=True)
+    thresholds = plan.thresholds
+    fusion_base = recipe.fusion_base
+    doc["base_model"] = resolved_reference(doc["base_model"])
+    for entry, model, name in zip(doc["models"], recipe.models, recipe.names, strict=True):
+        entry["model"] = resolved_reference(entry["model"])
+        params = entry.setdefault("parameters", {})
+        params["task"] = 1 if model.is_task else 0
+        params["fusion_base"] = 1 if model is fusion_base else 0
+        if model.is_task:
+            params["core_threshold"] = thresholds[name]
+    if out_dtype and not recipe.out_dtype and not recipe.dtype:
+        doc["out_dtype"] = out_dtype
+    return doc

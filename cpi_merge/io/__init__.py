@@ -1,0 +1,8 @@
+"""Checkpoints in, folders out: everything that touches files.
+
+Opening and checking model folders from their headers (:mod:`~cpi_merge.io.checkpoints`,
+:mod:`~cpi_merge.io.layout`, :mod:`~cpi_merge.io.compatibility`,
+:mod:`~cpi_merge.io.opened`), writing output folders that appear only when complete
+(:mod:`~cpi_merge.io.output_dir`) and the SHA-256 manifest of inputs and outputs
+(:mod:`~cpi_merge.io.manifest`). Tensor data is read through mergekit's lazy loader.
+"""

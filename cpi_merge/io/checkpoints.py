@@ -1,0 +1,184 @@
+"""Open checkpoints through mergekit's loading layer, after checking them from their headers.
+
+A reference is whatever a mergekit recipe accepts as ``model:``: a local folder or a
+Hugging Face Hub id (``org/name``, optionally ``@revision``). Before any tensor data is
+read, the folder's layout and every shard header are checked (missing or stale shards,
+unsafe names in the index, tensors the index does not list, pickle files), so a bad
+input fails in seconds, not after a long pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from cpi_merge.errors import CheckpointError
+from cpi_merge.io.layout import folder_layout, pickle_header, safetensors_header
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a checkpoint's header says about one stored tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: str
+
+    @property
+    def numel(self) -> int:
+        """Number of entries."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        """Whether the tensor holds floating-point values (the ones that are merged)."""
+        return self.dtype.is_floating_point
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint whose layout and headers have been checked.
+
+    Attributes:
+        reference: The reference exactly as written in the recipe.
+        path: The local folder holding it.
+        tensors: Header information for every stored tensor, by name.
+        is_safetensors: False only for pickle checkpoints the user allowed.
+
+    """
+
+    reference: str
+    path: str
+    tensors: dict[str, TensorInfo]
+    is_safetensors: bool = True
+
+    @cached_property
+    def loader(self):
+        """Mergekit's lazy tensor loader for this folder."""
+        from mergekit.io import LazyTensorLoader, ShardedTensorIndex
+
+        return LazyTensorLoader(ShardedTensorIndex.from_disk(self.path), lazy_unpickle=True)
+
+    def close(self) -> None:
+        """Unmap the shard the loader holds open (it reopens on the next :meth:`get`)."""
+        if "loader" in self.__dict__:
+            self.__dict__.pop("loader").flush()
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (only that tensor's bytes are read).
+
+        Args:
+            name: Tensor name as stored.
+
+        Returns:
+            The tensor, on the CPU, in its stored dtype.
+
+        """
+        return self.loader.get_tensor(name)
+
+    @property
+    def float_tensors(self) -> list[TensorInfo]:
+        """Floating-point tensors, in shard order then name order."""
+        return sorted(
+            (t for t in self.tensors.values() if t.is_float), key=lambda t: (t.shard, t.name)
+        )
+
+
+def resolved_reference(reference: str) -> str:
+    """The reference as recorded in plans and handed to mergekit: local folders absolute.
+
+    A plan read from another directory then still finds its models, and mergekit's model
+    card never mistakes a relative ``dir/name`` for a Hub id (it would query the Hub).
+    """
+    return os.path.abspath(reference) if os.path.isdir(reference) else reference
+
+
+def resolve_local_path(reference: str, *, role: str) -> str:
+    """Map a recipe reference to a local folder, downloading from the Hub if needed.
+
+    Args:
+        reference: A local folder, or a Hub id ``org/name[@revision]``.
+        role: What the model is in the recipe (``base_model``, ``task 2``), for errors.
+
+    Returns:
+        The local folder.
+
+    Raises:
+        CheckpointError: The reference is a LoRA, does not exist, or cannot be fetched.
+
+    """
+    if "+" in reference:
+        raise CheckpointError(
+            f"{role} {reference!r}: LoRA references (model+adapter) are not supported; "
+            "merge the adapter into a full checkpoint first (e.g. peft merge_and_unload)"
+        )
+    if os.path.isdir(reference):
+        return reference
+    if os.path.exists(reference):
+        raise CheckpointError(
+            f"{role} {reference!r} is a file; expected a model folder (config.json + weights)"
+        )
+    if not _HUB_ID.match(reference) or reference.startswith((".", "/", "~")):
+        raise CheckpointError(f"{role} {reference!r}: no such folder")
+    from mergekit.common import ModelReference
+
+    try:
+        return ModelReference.parse(reference).local_path()
+    except Exception as exc:  # huggingface_hub raises many types; all mean "not reachable"
+        raise CheckpointError(
+            f"{role} {reference!r}: not a local folder, and fetching it from the Hugging Face "
+            f"Hub failed ({type(exc).__name__}: {exc}). Download it first or fix the path."
+        ) from None
+
+
+def open_checkpoint(reference: str, *, role: str, allow_pickle: bool = False) -> Checkpoint:
+    """Resolve a reference and check its layout and every shard header.
+
+    Args:
+        reference: A local folder or Hub id, as written in the recipe.
+        role: What the model is in the recipe, for error messages.
+        allow_pickle: Accept ``pytorch_model.bin`` checkpoints (unsafe: pickle).
+
+    Returns:
+        The opened :class:`Checkpoint` (no tensor data read yet).
+
+    Raises:
+        CheckpointError: Naming the folder, file and tensor at fault.
+
+    """
+    folder = resolve_local_path(reference, role=role)
+    is_st, shards, single = folder_layout(folder, allow_pickle)
+    header = safetensors_header if is_st else pickle_header
+    tensors: dict[str, TensorInfo] = {}
+    for shard in sorted(shards) if shards is not None else [single]:
+        stored = set()
+        for name, shape, dtype in header(os.path.join(folder, shard)):
+            stored.add(name)
+            if name in tensors:
+                raise CheckpointError(
+                    f"{folder}: tensor {name!r} is stored in both {tensors[name].shard} and {shard}"
+                )
+            tensors[name] = TensorInfo(name, shape, dtype, shard)
+        if shards is not None:
+            listed = set(shards[shard])
+            if stored - listed:
+                raise CheckpointError(
+                    f"{folder}/{shard}: holds tensor(s) the index does not list: "
+                    f"{sorted(stored - listed)[:5]}"
+                )
+            if listed - stored:
+                raise CheckpointError(
+                    f"{folder}/{shard}: the index lists tensor(s) this shard does not hold: "
+                    f"{sorted(listed - stored)[:5]}"
+                )
+    return Checkpoint(reference=reference, path=folder, tensors=tensors, is_safetensors=is_st)

@@ -1,0 +1,82 @@
+"""A recipe's checkpoints, opened and checked against each other before any tensor is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cpi_merge.config.recipe import CpiRecipe
+from cpi_merge.errors import CheckpointError
+from cpi_merge.io.checkpoints import Checkpoint, TensorInfo, open_checkpoint
+from cpi_merge.io.compatibility import check_compatible
+
+
+@dataclass
+class OpenedModels:
+    """A recipe's checkpoints, opened and checked against each other."""
+
+    recipe: CpiRecipe
+    base: Checkpoint
+    models: list[Checkpoint]
+    """Every model of ``models:``, in recipe order."""
+    tensors: list[TensorInfo]
+    """The floating-point tensors of the base, in streaming order."""
+
+    @property
+    def tasks(self) -> list[Checkpoint]:
+        """The task models (with a core region), in recipe order."""
+        return [c for c, m in zip(self.models, self.recipe.models, strict=True) if m.is_task]
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks' short names, in recipe order."""
+        return [self.recipe.name_of(m) for m in self.recipe.tasks]
+
+    @property
+    def local_folders(self) -> list[str]:
+        """Every input folder."""
+        return [self.base.path] + [c.path for c in self.models]
+
+    def roles(self) -> list[tuple[str, Checkpoint]]:
+        """``(role in the recipe, checkpoint)`` for the base and every model."""
+        return [("base_model", self.base)] + [
+            (f"models[{i}]", c) for i, c in enumerate(self.models)
+        ]
+
+    def close(self) -> None:
+        """Release every mapped shard (the loaders reopen on the next read)."""
+        for ckpt in [self.base, *self.models]:
+            ckpt.close()
+
+
+def open_models(recipe: CpiRecipe, *, allow_pickle: bool = False) -> OpenedModels:
+    """Open the base and every model, and check they store the same float tensors.
+
+    Args:
+        recipe: The validated recipe.
+        allow_pickle: Accept pickle (``.bin``) checkpoints.
+
+    Returns:
+        The opened models.
+
+    Raises:
+        CheckpointError: Listing every model that could not be opened, or every mismatch.
+
+    """
+    problems: list[str] = []
+    opened: list[Checkpoint | None] = []
+    roles = ["base_model"] + [f"models[{i}]" for i in range(len(recipe.models))]
+    refs = [recipe.base_model] + [m.model for m in recipe.models]
+    for role, ref in zip(roles, refs, strict=True):
+        try:
+            opened.append(open_checkpoint(ref, role=role, allow_pickle=allow_pickle))
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            opened.append(None)
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    base, models = opened[0], opened[1:]
+    check_compatible(base, list(zip(roles[1:], models, strict=True)))
+    tensors = base.float_tensors
+    if not tensors:
+        raise CheckpointError(f"base_model {base.reference!r} stores no floating-point tensors")
+    return OpenedModels(recipe=recipe, base=base, models=models, tensors=tensors)

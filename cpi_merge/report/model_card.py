@@ -1,0 +1,58 @@
+"""The CPI section appended to mergekit's model card (README.md of the output)."""
+
+from __future__ import annotations
+
+from cpi_merge.analysis.plan import CorePlan
+from cpi_merge.config.recipe import CpiRecipe
+
+
+def cpi_card_section(plan: CorePlan, recipe: CpiRecipe) -> str:
+    """Markdown listing tasks, thresholds, groups and the Jaccard heatmap.
+
+    Args:
+        plan: The plan the merge used.
+        recipe: The recipe (for the fusion base and ω).
+
+    Returns:
+        Markdown text, starting with a blank line.
+
+    """
+    p = recipe.parameters
+    lines = [
+        "",
+        "## CPI-FT fusion",
+        "",
+        "Merged with [cpi-merge](https://arxiv.org/abs/2508.21741) (Core Parameter Isolation): "
+        "each task's core entries (its top "
+        f"{100 * plan.core_fraction:g}% of |θi − θ0| over the whole model) are copied from "
+        f"that task; the other entries are SLERP-fused starting from the fusion base "
+        f"`{recipe.name_of(recipe.fusion_base)}` (ω = {p.omega:g} unless set per model).",
+        "",
+        "| task | core threshold t_i | core entries | ‖θi − θ0‖ / ‖θ0‖ |",
+        "|---|---|---|---|",
+    ]
+    for t in plan.tasks:
+        count = f"{t.core_count:,}" if t.core_count is not None else "—"
+        rel = f"{t.relative_update_norm:.3e}" if t.relative_update_norm is not None else "—"
+        lines.append(f"| `{t.name}` | {t.core_threshold:.6e} | {count} | {rel} |")
+    lines.append("")
+    if plan.analysed:
+        lines.append(
+            f"Groups (Jaccard ≥ τ = {plan.tau:g}), in stage order ({plan.order}, seed {plan.seed}):"
+        )
+        lines.append("")
+        for s, group in enumerate(plan.groups, 1):
+            lines.append(f"{s}. " + ", ".join(f"`{name}`" for name in group))
+        lines += ["", "![Jaccard similarity of the task cores](jaccard.png)", ""]
+    else:
+        lines += [
+            "Core thresholds were given in the recipe, so overlaps and groups were not "
+            "computed (run `cpi-analyze` for them).",
+            "",
+        ]
+    lines.append(
+        "Files: `cpi_plan.json` (the analysis used), `mergekit_config.yml` (the "
+        "resolved recipe), `cpi_manifest.json` (sizes and SHA-256 of inputs and outputs)."
+    )
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""The human summary of an analysis, as plain text for the terminal."""
+
+from __future__ import annotations
+
+from cpi_merge.analysis.plan import CorePlan
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        cells = [
+            cell.rjust(w) if c in right else cell.ljust(w)
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
+
+
+def format_summary(plan: CorePlan) -> str:
+    """Tasks with thresholds and core sizes, the Jaccard matrix, and the stage plan.
+
+    Args:
+        plan: The analysis result.
+
+    Returns:
+        Multi-line text.
+
+    """
+    lines = [
+        f"CPI analysis of {len(plan.tasks)} task(s) against base {plan.base_model!r}",
+        f"  D = {plan.total_parameters:,} entries, core_fraction p = {plan.core_fraction:g} "
+        f"(k = {plan.k:,}), tau = {plan.tau:g}"
+        + (f", strategy = {plan.strategy}" if plan.strategy else ""),
+        "",
+    ]
+    rows = []
+    for i, t in enumerate(plan.tasks, 1):
+        rel = "-" if t.relative_update_norm is None else f"{t.relative_update_norm:.3e}"
+        count = "-" if t.core_count is None else f"{t.core_count:,}"
+        share = (
+            "-" if t.core_count is None else f"{100 * t.core_count / plan.total_parameters:.3f}%"
+        )
+        rows.append([str(i), t.name, f"{t.core_threshold:.6e}", count, share, rel])
+    lines += _table(
+        ["#", "task", "threshold t_i", "core entries", "core %", "|Δ|/|θ0|"], rows, {0, 2, 3, 4, 5}
+    )
+    if not plan.analysed:
+        lines += ["", "Thresholds were given in the recipe: overlaps and groups not computed."]
+        return "\n".join(lines)
+    lines += ["", "Jaccard similarity of cores:"]
+    n = len(plan.tasks)
+    jac_rows = [[str(i + 1)] + [f"{plan.jaccard[i][j]:.4f}" for j in range(n)] for i in range(n)]
+    lines += _table([""] + [str(j + 1) for j in range(n)], jac_rows, set(range(n + 1)))
+    how = "random order, seed " + str(plan.seed) if plan.order == "random" else "recipe order"
+    lines += [
+        "",
+        f"Stages ({len(plan.groups)} group(s), edges where Jaccard >= {plan.tau:g}; {how}):",
+    ]
+    for s, group in enumerate(plan.groups, 1):
+        lines.append(f"  stage {s}: " + ", ".join(group))
+    return "\n".join(lines)
