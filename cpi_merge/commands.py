@@ -22,11 +22,11 @@ from typing import Any
 import yaml
 
 from cpi_merge.analysis.plan import CorePlan
-from cpi_merge.analysis.plan_build import plan_from_thresholds
+from cpi_merge.analysis.plan_build import plan_from_boundaries
 from cpi_merge.analysis.run import AnalysisOptions, run_analysis
 from cpi_merge.config.recipe import CpiRecipe, load_recipe
 from cpi_merge.errors import OutputError
-from cpi_merge.fusion.recipe_for_mergekit import recipe_thresholds, resolved_recipe
+from cpi_merge.fusion.recipe_for_mergekit import recipe_boundaries, resolved_recipe
 from cpi_merge.io.manifest import Manifest
 from cpi_merge.io.opened import OpenedModels, open_models
 from cpi_merge.io.output_dir import check_output_location, staged_output
@@ -115,7 +115,7 @@ def merge(
         recipe = load_recipe(recipe)
     opened = open_models(recipe, allow_pickle=allow_pickle)
     check_output_location(out_dir, force=force, inputs=opened.local_folders)
-    given = recipe_thresholds(recipe)
+    given = recipe_boundaries(recipe)
     method = register_cpi_method()
     inputs = [(role, c.reference, c.path) for role, c in opened.roles()]
     manifest.hash_inputs(path for _, _, path in inputs)
@@ -127,7 +127,7 @@ def merge(
             analysis = run_analysis(opened, settings, keep_cores=keep)
             plan, cores = analysis.plan, analysis.cores
         else:
-            plan = plan_from_thresholds(opened, given)
+            plan = plan_from_boundaries(opened, given)
         resolved = resolved_recipe(recipe, plan, _stored_dtype(opened))
         config_source = yaml.safe_dump(resolved, sort_keys=False)
         config = MergeConfiguration.model_validate(resolved)

@@ -72,20 +72,31 @@ def test_recipe_dtype_is_applied_before_the_difference(tmp_path, strategy):
     assert_plan_matches(run(recipe, strategy=strategy), ref)
 
 
+@pytest.mark.parametrize("exact_k", [1, 0])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_ties_at_the_threshold(tmp_path, strategy):
-    base = {n: torch.zeros(s) for n, s in SHAPES}
+def test_ties_at_the_threshold(tmp_path, strategy, exact_k):
+    """bf16-like steps: Δ takes 3 values and |θ0| 3, so the tie rule decides most of a core."""
     rng = np.random.default_rng(2)
+    base = {
+        n: torch.from_numpy(rng.choice([0.25, -0.5, 1.0], s).astype(np.float32)) for n, s in SHAPES
+    }
     tasks = [
-        {n: torch.from_numpy(rng.integers(0, 3, s).astype(np.float32) * 0.5) for n, s in SHAPES}
+        {
+            n: v + torch.from_numpy(rng.integers(0, 3, v.shape).astype(np.float32) * 0.125)
+            for n, v in base.items()
+        }
         for _ in range(3)
     ]
     paths = [write_model(tmp_path / f"m{i}", t) for i, t in enumerate([base, *tasks])]
-    recipe = write_recipe(tmp_path / "r.yml", paths[0], paths[1:], core_fraction=0.05)
+    recipe = write_recipe(
+        tmp_path / "r.yml", paths[0], paths[1:], core_fraction=0.05, exact_k=exact_k, tie_seed=7
+    )
     plan = run(recipe, strategy=strategy, chunk_entries=7)
-    ref = brute_force(base, tasks, 0.05)
+    ref = brute_force(base, tasks, 0.05, exact_k=bool(exact_k), seed=7)
     assert_plan_matches(plan, ref)
-    assert all(t.core_count > plan.k for t in plan.tasks)  # the ties are really there
+    for t in plan.tasks:  # the ties are really there and decide part of every core
+        assert t.at_threshold > t.taken_at_threshold > 0 if exact_k else t.core_count > plan.k
+    assert all(t.core_count == plan.k for t in plan.tasks) == bool(exact_k)
 
 
 def test_result_does_not_depend_on_shard_layout(tmp_path):

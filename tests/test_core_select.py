@@ -8,81 +8,115 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpi_merge.analysis.boundary import TensorLayout
+from cpi_merge.analysis.core_rule import MAX_HASH, tie_hash
 from cpi_merge.analysis.radix import float32_bits, float32_from_bits
 from cpi_merge.analysis.select_buffer import CutTooHighError, select_cores_buffer
-from cpi_merge.analysis.select_histogram import count_cores, select_cores_histogram
+from cpi_merge.analysis.select_histogram import select_cores_histogram
 from cpi_merge.analysis.selection import DeltaChunk
 from cpi_merge.analysis.starting_cut import estimate_cuts
 from cpi_merge.errors import DegenerateTaskError
 
+NAMES = [f"layer.{i}.weight" for i in range(10)]
 
-def memory_stream(tensors, chunk):
-    """tensors: list over tensors of list over tasks of 1-D float32 Δ."""
 
-    def open_stream():
+def memory_stream(tensors, chunk, bases=None):
+    """tensors: list over tensors of list over tasks of 1-D float32 Δ; bases: θ0 per tensor."""
+    bases = bases or [torch.ones_like(per_task[0]) for per_task in tensors]
+
+    def open_stream(_label=""):
         offset = 0
         for index, per_task in enumerate(tensors):
             n = per_task[0].numel()
             for start in range(0, n, chunk):
                 yield DeltaChunk(
-                    index, offset + start, tuple(d[start : start + chunk] for d in per_task)
+                    index,
+                    offset + start,
+                    tuple(d[start : start + chunk] for d in per_task),
+                    bases[index][start : start + chunk],
                 )
             offset += n
 
     return open_stream
 
 
-def offsets_of(tensors):
+def layout_of(tensors):
     sizes = [per_task[0].numel() for per_task in tensors]
-    return list(np.cumsum([0] + sizes[:-1]))
+    return TensorLayout(NAMES[: len(tensors)], list(np.cumsum([0] + sizes[:-1])))
 
 
-def reference(tensors, k):
+def reference(tensors, bases, k, exact_k, seed):
+    """Brute force: sort every entry by its whole key and take the first k."""
     n_tasks = len(tensors[0])
-    full = [torch.cat([t[i] for t in tensors]) for i in range(n_tasks)]
-    thresholds = [float(torch.topk(d, k).values[-1]) for d in full]
-    masks = [d >= t for d, t in zip(full, thresholds)]
     sizes = [t[0].numel() for t in tensors]
+    base_abs = torch.cat(bases).abs().numpy()
+    hashes = np.concatenate(
+        [tie_hash(seed, NAMES[j], np.arange(n)) for j, n in enumerate(sizes)]
+    ).astype(np.float64)
+    masks, boundaries, ties, taken = [], [], [], []
+    for i in range(n_tasks):
+        delta = torch.cat([t[i] for t in tensors]).numpy()
+        order = np.lexsort((hashes, base_abs, -delta.astype(np.float64)))
+        order = order[delta[order] > 0]
+        if order.size < k:
+            return None
+        last = order[k - 1]
+        t = delta[last]
+        if exact_k:
+            core = np.zeros(delta.size, dtype=bool)
+            core[order[:k]] = True
+            boundaries.append((t, base_abs[last], int(hashes[last])))
+        else:
+            core = delta >= t
+            boundaries.append((t, np.inf, MAX_HASH))
+        masks.append(torch.from_numpy(core))
+        ties.append(int((delta == t).sum()))
+        taken.append(int((core & (delta == t)).sum()))
     counts = np.array([[int(p.sum()) for p in torch.split(m, sizes)] for m in masks])
     inter = np.array([[int((a & b).sum()) for b in masks] for a in masks])
-    positives = [int((d > 0).sum()) for d in full]
-    return thresholds, counts, inter, positives
+    return boundaries, counts, inter, masks, ties, taken
 
 
-def run(strategy, tensors, k, chunk):
+def run(strategy, tensors, k, chunk, *, bases=None, exact_k=True, seed=0, budget=1 << 30):
     labels = [f"task{i}" for i in range(len(tensors[0]))]
     total = sum(t[0].numel() for t in tensors)
-    stream = memory_stream(tensors, chunk)
+    stream = memory_stream(tensors, chunk, bases)
+    kw = dict(
+        k=k, layout=layout_of(tensors), labels=labels, total=total, exact_k=exact_k, seed=seed
+    )
     if strategy == "buffer":
-        return select_cores_buffer(
-            stream(), k=k, tensor_offsets=offsets_of(tensors), labels=labels, total=total
-        )
+        return select_cores_buffer(stream(), **kw)
     if strategy == "buffer_cut":  # a starting cut, from below or above the threshold
         full = [torch.cat([t[i] for t in tensors]) for i in range(len(labels))]
         cuts = [float(d[(7 * k + i) % total]) for i, d in enumerate(full)]
-        kw = dict(k=k, tensor_offsets=offsets_of(tensors), labels=labels, total=total)
         try:
             return select_cores_buffer(stream(), cuts=cuts, **kw)
         except CutTooHighError:  # what run_analysis does
             assert any(c > float(torch.topk(d, k).values[-1]) for c, d in zip(cuts, full))
             return select_cores_buffer(stream(), **kw)
-    return select_cores_histogram(stream, k=k, n_tensors=len(tensors), labels=labels, total=total)
+    if strategy == "histogram_tight":  # no memory: narrow the buckets to the whole key
+        budget = 0
+    return select_cores_histogram(stream, memory_budget=budget, **kw)
 
 
-def check(strategy, tensors, k, chunk):
-    thresholds, counts, inter, positives = reference(tensors, k)
-    if min(positives) < k:
+def check(strategy, tensors, k, chunk, *, bases=None, exact_k=True, seed=0):
+    bases = bases or [torch.ones_like(per_task[0]) for per_task in tensors]
+    ref = reference(tensors, bases, k, exact_k, seed)
+    if ref is None:
         with pytest.raises(DegenerateTaskError, match="differ from the base"):
-            run(strategy, tensors, k, chunk)
+            run(strategy, tensors, k, chunk, bases=bases, exact_k=exact_k, seed=seed)
         return
-    got = run(strategy, tensors, k, chunk)
-    assert [float32_bits(t) for t in got.thresholds] == [float32_bits(t) for t in thresholds]
+    boundaries, counts, inter, masks, ties, taken = ref
+    got = run(strategy, tensors, k, chunk, bases=bases, exact_k=exact_k, seed=seed)
+    for b, (t, a, h) in zip(got.boundaries, boundaries):
+        assert float32_bits(b.threshold) == float32_bits(float(t))
+        assert b.tie_base_abs == float(np.float32(a)) and b.tie_hash == h
     assert np.array_equal(got.counts, counts)
     assert np.array_equal(got.intersections, inter)
+    assert list(got.at_threshold) == ties and list(got.taken_at_threshold) == taken
     if strategy.startswith("buffer"):  # the buffer also hands over every core position
-        full = [torch.cat([t[i] for t in tensors]) for i in range(len(thresholds))]
-        for d, t, positions in zip(full, thresholds, got.positions):
-            assert positions.tolist() == (d >= t).nonzero().squeeze(1).tolist()
+        for mask, positions in zip(masks, got.positions):
+            assert positions.tolist() == mask.nonzero().squeeze(1).tolist()
 
 
 @st.composite
@@ -107,38 +141,53 @@ def delta_sets(draw):
             per_task.append(torch.from_numpy(v))
         tensors.append(per_task)
     total = sum(sizes)
+    bases = [
+        torch.from_numpy(rng.choice([-0.5, 0.25, 0.5, 1.0, 0.0], n).astype(np.float32))
+        for n in sizes
+    ]
     k = draw(st.integers(1, total))
     chunk = draw(st.integers(1, 70))
-    return tensors, k, chunk
+    return tensors, bases, k, chunk, draw(st.booleans()), draw(st.integers(0, 3))
 
 
-@pytest.mark.parametrize("strategy", ["buffer", "buffer_cut", "histogram"])
+STRATEGIES = ["buffer", "buffer_cut", "histogram", "histogram_tight"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @settings(max_examples=150, deadline=None)
 @given(case=delta_sets())
-def test_matches_topk_reference(strategy, case):
-    tensors, k, chunk = case
-    check(strategy, tensors, k, chunk)
+def test_matches_the_full_key_reference(strategy, case):
+    """Exactly k entries by (Δ, |θ0|, hash), whatever the ties, chunking or strategy."""
+    tensors, bases, k, chunk, exact_k, seed = case
+    check(strategy, tensors, k, chunk, bases=bases, exact_k=exact_k, seed=seed)
 
 
-@pytest.mark.parametrize("strategy", ["buffer", "histogram"])
-def test_ties_at_threshold_are_all_in_the_core(strategy):
-    # 10 entries equal to the k-th largest: all of them belong to the core.
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ties_at_the_threshold_smaller_base_first_then_hash(strategy):
+    # 10 entries equal to the 5th largest: 3 of them join the core, smallest |θ0| first.
     d = torch.tensor([5.0, 4.0] + [3.0] * 10 + [1.0] * 8)
-    got = run(strategy, [[d]], k=5, chunk=3)
-    assert got.thresholds == (3.0,)
-    assert got.core_counts == (12,)
+    base = torch.tensor([1.0, 1.0] + [0.5, 0.1, 0.9, 0.1, 0.7, 0.3, 0.2, 0.8, 0.6, 0.4] + [1.0] * 8)
+    got = run(strategy, [[d]], k=5, chunk=3, bases=[base])
+    assert got.thresholds == (3.0,) and got.core_counts == (5,)
+    assert got.at_threshold == (10,) and got.taken_at_threshold == (3,)
+    assert got.boundaries[0].tie_base_abs == float(np.float32(0.2))
+    if strategy.startswith("buffer"):
+        assert got.positions[0].tolist() == [0, 1, 3, 5, 8]
+    every = run(strategy, [[d]], k=5, chunk=3, bases=[base], exact_k=False)
+    assert every.core_counts == (12,) and every.boundaries[0].takes_every_tie
 
 
-@pytest.mark.parametrize("strategy", ["buffer", "histogram"])
-def test_buffer_survives_heavy_ties_over_many_chunks(strategy):
-    # Every entry ties: the core is everything, no matter the chunking.
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_heavy_ties_over_many_chunks(strategy):
+    # Every entry ties on Δ and |θ0|: the hash alone decides, and the core is k entries.
     tensors = [[torch.full((97,), 0.25)] for _ in range(7)]
     got = run(strategy, tensors, k=3, chunk=5)
-    assert got.thresholds == (0.25,)
-    assert got.core_counts == (7 * 97,)
+    assert got.thresholds == (0.25,) and got.core_counts == (3,)
+    assert got.at_threshold == (7 * 97,) and got.taken_at_threshold == (3,)
+    assert run(strategy, tensors, k=3, chunk=5, exact_k=False).core_counts == (7 * 97,)
 
 
-@pytest.mark.parametrize("strategy", ["buffer", "histogram"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_too_few_changed_entries_is_degenerate(strategy):
     d = torch.zeros(100)
     d[:3] = 1.0
@@ -146,20 +195,12 @@ def test_too_few_changed_entries_is_degenerate(strategy):
         run(strategy, [[d]], k=4, chunk=16)
 
 
-@pytest.mark.parametrize("strategy", ["buffer", "histogram"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_extreme_magnitudes(strategy):
     # subnormals and the largest finite float32 are ordered correctly
     tiny = float32_from_bits(1)
     d = torch.tensor([tiny, 3.4028234663852886e38, 1e-30, 2 * tiny, 1.0], dtype=torch.float32)
     check(strategy, [[d]], k=4, chunk=2)
-
-
-def test_count_cores_reports_per_tensor_and_pairs():
-    a = [torch.tensor([1.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])]
-    b = [torch.tensor([0.0, 3.0]), torch.tensor([2.0, 3.0])]
-    counts, inter = count_cores(memory_stream([a, b], 2)(), [1.0, 2.0], n_tensors=2)
-    assert counts.tolist() == [[2, 1], [0, 2]]
-    assert inter.tolist() == [[3, 1], [1, 2]]
 
 
 def test_float32_bits_round_trip():

@@ -10,24 +10,32 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpi_merge.analysis.core_rule import MAX_HASH, CoreBoundary, as_boundaries
 from cpi_merge.analysis.known_cores import KnownCores
 from cpi_merge.fusion.claims import core_owner
 from cpi_merge.fusion.kernel import fuse_tensor
 
-from helpers.references import ref_fuse, ref_slerp
+from helpers.references import ref_core, ref_fuse, ref_slerp
 
 EPS = math.acos(0.9995)
 
 
-def check(theta0, models, thresholds, omegas, fb, dtype):
+def check(theta0, models, thresholds, omegas, fb, dtype, name=""):
     before = [theta0.clone()] + [m.clone() for m in models]
     got = fuse_tensor(
-        theta0, models, thresholds=thresholds, omegas=omegas, fusion_base=fb, epsilon=EPS
+        theta0,
+        models,
+        boundaries=thresholds,
+        omegas=omegas,
+        fusion_base=fb,
+        epsilon=EPS,
+        name=name,
     )
-    owner, ref = ref_fuse(theta0, models, thresholds, omegas, fb, EPS)
+    owner, ref = ref_fuse(theta0, models, thresholds, omegas, fb, EPS, name=name)
     assert got.dtype == models[fb].dtype and got.shape == theta0.shape
     assert torch.equal(
-        core_owner(theta0, models, thresholds), torch.from_numpy(owner).to(torch.int16)
+        core_owner(theta0, models, thresholds, name=name),
+        torch.from_numpy(owner).to(torch.int16),
     )
     core = torch.from_numpy(owner >= 0)
     for i, m in enumerate(models):  # core entries: bit-exact copies of their task
@@ -46,24 +54,23 @@ def check(theta0, models, thresholds, omegas, fb, dtype):
     known = fuse_tensor(
         theta0,
         models,
-        thresholds=thresholds,
+        boundaries=thresholds,
         omegas=omegas,
         fusion_base=fb,
         epsilon=EPS,
-        core_positions=core_positions(theta0, models, thresholds),
+        name=name,
+        core_positions=core_positions(theta0, models, thresholds, name),
     )
     assert torch.equal(known, got)  # cores handed over by an analysis: the same result
     for a, b in zip(before, [theta0, *models]):  # inputs are borrowed, never modified
         assert torch.equal(a, b)
 
 
-def core_positions(theta0, models, thresholds):
+def core_positions(theta0, models, boundaries, name=""):
     """Each task's own core (before tasks compete), as an analysis hands it over."""
     return [
-        None
-        if t is None
-        else ((m.float() - theta0.float()).abs() >= t).reshape(-1).nonzero().squeeze(1)
-        for m, t in zip(models, thresholds)
+        None if b is None else torch.tensor(ref_core(theta0, m, b, name), dtype=torch.int64)
+        for m, b in zip(models, boundaries)
     ]
 
 
@@ -89,10 +96,16 @@ def cases(draw):
         else:
             d = (m.float() - theta0.float()).abs().reshape(-1)
             pos = d[d > 0]
-            thresholds.append(float(pos[draw(st.integers(0, len(pos) - 1))]) if len(pos) else 1.0)
+            t = float(pos[draw(st.integers(0, len(pos) - 1))]) if len(pos) else 1.0
+            if draw(st.booleans()):  # an exact-k boundary: the tie rule decides at t
+                a = float(theta0.float().abs().reshape(-1)[draw(st.integers(0, d.numel() - 1))])
+                h = draw(st.integers(0, MAX_HASH))
+                t = CoreBoundary(t, a, h, seed=draw(st.integers(0, 9)))
+            thresholds.append(t)
     omegas = [draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])) for _ in models]
     fb = draw(st.integers(0, n_models - 1))
-    return theta0, models, thresholds, omegas, fb, dtype
+    name = draw(st.sampled_from(["", "model.layers.0.mlp.up_proj.weight"]))
+    return theta0, models, thresholds, omegas, fb, dtype, name
 
 
 @settings(max_examples=120, deadline=None)
@@ -108,7 +121,7 @@ def test_largest_delta_wins_ties_to_first():
     owner = core_owner(theta0, [a, b], [1.0, 0.5])
     assert owner.tolist() == [1, 0, 0, 1]
     out = fuse_tensor(
-        theta0, [a, b], thresholds=[1.0, 0.5], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS
+        theta0, [a, b], boundaries=[1.0, 0.5], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS
     )
     assert out.tolist() == [-2.0, 2.0, 3.0, 0.5]
 
@@ -118,7 +131,7 @@ def slerp(x, y, w):
     return fuse_tensor(
         torch.zeros_like(x),
         [y, x],
-        thresholds=[None, None],
+        boundaries=[None, None],
         omegas=[w, 0.0],
         fusion_base=1,
         epsilon=EPS,
@@ -155,7 +168,7 @@ def test_chunking_does_not_change_the_result():
     g = torch.Generator().manual_seed(0)
     theta0 = torch.randn(1000, generator=g)
     models = [theta0 + 0.1 * torch.randn(1000, generator=g) for _ in range(3)]
-    kw = dict(thresholds=[0.2, None, 0.15], omegas=[0.5, 0.4, 0.5], fusion_base=2, epsilon=EPS)
+    kw = dict(boundaries=[0.2, None, 0.15], omegas=[0.5, 0.4, 0.5], fusion_base=2, epsilon=EPS)
     whole = fuse_tensor(theta0, models, **kw)
     chunked = fuse_tensor(theta0, models, chunk_entries=7, **kw)
     assert torch.allclose(whole, chunked, rtol=1e-6, atol=1e-7)
@@ -169,7 +182,7 @@ def test_every_entry_core_leaves_nothing_to_fold():
     out = fuse_tensor(
         theta0,
         [a, torch.zeros(3) + 0.5],
-        thresholds=[0.5, None],
+        boundaries=[0.5, None],
         omegas=[0.5, 0.5],
         fusion_base=1,
         epsilon=EPS,
@@ -181,7 +194,7 @@ def test_known_cores_that_do_not_match_the_values_are_not_used():
     """Values that differ from the analysed ones (e.g. rows rearranged by mergekit)."""
     theta0 = torch.zeros(6)
     a = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.0, 0.0])
-    kw = dict(thresholds=[1.0, None], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS)
+    kw = dict(boundaries=[1.0, None], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS)
     own = fuse_tensor(theta0, [a, a], **kw)
     ok = fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 3]), None], **kw)
     stale = fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 1]), None], **kw)
@@ -194,7 +207,7 @@ def test_thresholds_compare_in_float32():
     assert t32 < 0.01
     theta0 = torch.zeros(4)
     a = torch.tensor([t32, 0.0, 0.005, 0.02])
-    kw = dict(thresholds=[0.01, None], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS)
+    kw = dict(boundaries=[0.01, None], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS)
     assert core_owner(theta0, [a, a], [0.01, None]).tolist() == [0, -1, -1, 0]
     for chunk in (1, 4):  # whole and chunk by chunk (a maximum test per chunk)
         out = fuse_tensor(theta0, [a, torch.zeros(4)], chunk_entries=chunk, **kw)
@@ -207,7 +220,7 @@ def test_empty_tensor(known):
     out = fuse_tensor(
         e,
         [e, e],
-        thresholds=[0.5, None],
+        boundaries=[0.5, None],
         omegas=[0.5, 0.5],
         fusion_base=1,
         epsilon=EPS,
@@ -221,16 +234,16 @@ def test_known_cores_split_by_tensor_and_only_apply_to_the_same_thresholds():
     sizes = [("a", 5), ("b", 1), ("c", 9)]
     total = sum(n for _, n in sizes)
     cores = [np.sort(rng.choice(total, 6, replace=False)), np.array([0, 5, 14])]
-    known = KnownCores.from_global([0.5, 0.25], cores, sizes)
+    known = KnownCores.from_global([CoreBoundary(0.5), CoreBoundary(0.25)], cores, sizes)
     start = 0
     for name, n in sizes:
-        got = known.for_tensor(name, [0.5, None, 0.25], n)
+        got = known.for_tensor(name, as_boundaries([0.5, None, 0.25]), n)
         assert got[1] is None
         for want, have in zip(cores, [got[0], got[2]]):
             mine = want[(want >= start) & (want < start + n)] - start
             assert have.dtype == torch.int64 and have.tolist() == mine.tolist()
         start += n
-    assert known.for_tensor("a", [0.5, 0.26], 5) is None  # other thresholds
-    assert known.for_tensor("a", [0.5], 5) is None  # other tasks
-    assert known.for_tensor("a", [0.5, 0.25], 6) is None  # other size
-    assert known.for_tensor("lm_head.weight", [0.5, 0.25], 5) is None  # not analysed
+    assert known.for_tensor("a", as_boundaries([0.5, 0.26]), 5) is None  # other thresholds
+    assert known.for_tensor("a", as_boundaries([0.5]), 5) is None  # other tasks
+    assert known.for_tensor("a", as_boundaries([0.5, 0.25]), 6) is None  # other size
+    assert known.for_tensor("lm_head.weight", as_boundaries([0.5, 0.25]), 5) is None  # not analysed

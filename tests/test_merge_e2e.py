@@ -12,14 +12,14 @@ from cpi_merge.errors import CpiError
 
 from helpers.files import load_folder, merged, write_recipe
 from helpers.hf_models import make_hf_family
-from helpers.references import brute_force, ref_fuse
+from helpers.references import assert_plan_matches, brute_force, ref_fuse
 
 
 def check_against_reference(base, models, out, plan, *, omegas, fusion_base, tasks_mask):
     inputs = [load_folder(base)] + [load_folder(m) for m in models]
     result = load_folder(out)
-    thresholds = iter(plan.thresholds[m.name] for m, is_task in zip(models, tasks_mask) if is_task)
-    per_model_t = [next(thresholds) if is_task else None for is_task in tasks_mask]
+    rules = iter(plan.boundaries[m.name] for m, is_task in zip(models, tasks_mask) if is_task)
+    per_model_t = [next(rules) if is_task else None for is_task in tasks_mask]
     assert set(result) == set(inputs[0])
     for name, got in result.items():
         owner, ref = ref_fuse(
@@ -29,6 +29,7 @@ def check_against_reference(base, models, out, plan, *, omegas, fusion_base, tas
             omegas,
             fusion_base,
             DEFAULT_EPSILON,
+            name=name,
         )
         dtype = inputs[1 + fusion_base][name].dtype
         assert got.dtype == dtype, name
@@ -60,7 +61,7 @@ def test_merge_matches_reference(tmp_path, arch, tied, dtype):
     plan = result.plan
     # the cores the merge used are the brute-force cores
     bf = brute_force(load_folder(base), [load_folder(t) for t in tasks], 0.05)
-    assert [t.core_threshold for t in plan.tasks] == pytest.approx(bf[0], rel=0, abs=0)
+    assert_plan_matches(plan, bf)
     check_against_reference(
         base, tasks, out, plan, omegas=[0.5] * 3, fusion_base=2, tasks_mask=[True] * 3
     )
@@ -129,6 +130,10 @@ def _count_core_lookups(monkeypatch) -> list[bool]:
     return used
 
 
+def _boundary_parameters(b):
+    return {"core_threshold": b.threshold, "tie_base_abs": b.tie_base_abs, "tie_hash": b.tie_hash}
+
+
 def test_given_thresholds_skip_the_analysis_and_give_the_same_model(tmp_path, monkeypatch):
     """Same model whether the cores come from the analysis or are found again per entry."""
     base, tasks = make_hf_family(tmp_path, "llama", dtype=torch.bfloat16)
@@ -146,7 +151,7 @@ def test_given_thresholds_skip_the_analysis_and_give_the_same_model(tmp_path, mo
     given = write_recipe(
         tmp_path / "g.yml",
         base,
-        [(t, {"core_threshold": first.thresholds[t.name]}) for t in tasks],
+        [(t, _boundary_parameters(first.boundaries[t.name])) for t in tasks],
         core_fraction=0.05,
     )
     plan = merged(given, tmp_path / "b").plan

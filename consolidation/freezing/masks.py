@@ -88,16 +88,17 @@ def core_positions(
             )
         wanted.append(info)
     stream = DeltaStream(base, models, wanted, cast=torch_dtype(plan.dtype), progress=progress)
-    thresholds = [known[t] for t in tasks]
+    boundaries = [plan.boundaries[t] for t in tasks]
     found: dict[str, list[torch.Tensor]] = {}
     for chunk in stream("core positions"):
+        start = chunk.offset - stream.offsets[chunk.tensor_index]
+        name = wanted[chunk.tensor_index].name
         hit = None
-        for d, t in zip(chunk.deltas, thresholds, strict=True):
-            hit = core_mask(d, t) if hit is None else hit.logical_or_(core_mask(d, t))
+        for d, b in zip(chunk.deltas, boundaries, strict=True):
+            mine = core_mask(d, b, base=chunk.base, name=name, start=start)
+            hit = mine if hit is None else hit.logical_or_(mine)
         at = hit.nonzero().squeeze(1)
         if at.numel():
-            start = chunk.offset - stream.offsets[chunk.tensor_index]
-            name = wanted[chunk.tensor_index].name
             found.setdefault(name, []).append((at + start).to(torch.int32))
     for ckpt in [base, *models]:
         ckpt.close()

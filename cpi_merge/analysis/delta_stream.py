@@ -183,7 +183,7 @@ class DeltaStream:
                     ]
                     if first_pass:  # later passes see the same, already checked values
                         self._accumulate(info.name, b, deltas, base, tasks)
-                    yield DeltaChunk(index, offset + start, tuple(deltas))
+                    yield DeltaChunk(index, offset + start, tuple(deltas), b)
                     bar.update(m)
                 del base, tasks
         finally:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cpi_merge.analysis.radix import float32_bits
+from cpi_merge.analysis.core_rule import CoreBoundary, same_boundary
 
 
 @dataclass(frozen=True)
@@ -27,28 +27,28 @@ class KnownCores:
     """Every task's core positions, per tensor.
 
     Attributes:
-        thresholds: ``t_i`` per task, in recipe order.
+        boundaries: Each task's core boundary, in recipe order.
         positions: Per tensor name, per task: the ascending flat positions of its core
             entries within that tensor (int32 when the tensor allows, to halve memory).
         numel: Entries per tensor name.
 
     """
 
-    thresholds: tuple[float, ...]
+    boundaries: tuple[CoreBoundary, ...]
     positions: dict[str, tuple[np.ndarray, ...]]
     numel: dict[str, int]
 
     @classmethod
     def from_global(
         cls,
-        thresholds: Sequence[float],
+        boundaries: Sequence[CoreBoundary],
         cores: Sequence[np.ndarray],
         tensors: Sequence[tuple[str, int]],
     ) -> KnownCores:
         """Split global core indices (tensors laid end to end, in order) by tensor.
 
         Args:
-            thresholds: ``t_i`` per task.
+            boundaries: Each task's core boundary.
             cores: Per task, sorted global flat indices of its core entries.
             tensors: ``(name, numel)`` of every analysed tensor, in streaming order.
 
@@ -62,25 +62,29 @@ class KnownCores:
                 (core[cut[j] : cut[j + 1]] - starts[j]).astype(dtype)
                 for core, cut in zip(cores, cuts, strict=True)
             )
-        return cls(tuple(float(t) for t in thresholds), positions, dict(tensors))
+        return cls(tuple(boundaries), positions, dict(tensors))
 
     def for_tensor(
-        self, name: str, thresholds: Sequence[float | None], numel: int
+        self, name: str, boundaries: Sequence[CoreBoundary | None], numel: int
     ) -> list[torch.Tensor | None] | None:
         """Core positions of one tensor, per model, or None when these cores don't apply.
 
         Args:
             name: Tensor name.
-            thresholds: ``t_i`` per model of the merge, ``None`` for models that are not
-                tasks; the tasks' values must equal (in float32) those of the analysis.
+            boundaries: Per model of the merge, its core's boundary (``None`` for models
+                that are not tasks); the tasks' must equal those of the analysis.
             numel: Entries of the tensor being merged.
 
         Returns:
             int64 positions per model (``None`` for models that are not tasks).
 
         """
-        tasks = [float32_bits(t) for t in thresholds if t is not None]
-        if self.numel.get(name) != numel or tasks != [float32_bits(t) for t in self.thresholds]:
+        tasks = [b for b in boundaries if b is not None]
+        if (
+            self.numel.get(name) != numel
+            or len(tasks) != len(self.boundaries)
+            or not all(same_boundary(a, b) for a, b in zip(tasks, self.boundaries, strict=True))
+        ):
             return None
         per_task = iter(self.positions[name])
-        return [None if t is None else torch.from_numpy(next(per_task)).long() for t in thresholds]
+        return [None if b is None else torch.from_numpy(next(per_task)).long() for b in boundaries]

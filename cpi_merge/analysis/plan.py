@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from cpi_merge.analysis.core_rule import CoreBoundary
 from cpi_merge.analysis.grouping import StageOrder
 from cpi_merge.analysis.radix import float32_bits, float32_from_bits
 from cpi_merge.errors import CpiError
@@ -47,8 +48,16 @@ class TaskCore(_Record):
     """t_i: the exact k-th largest |θi − θ0| (a float32 value)."""
     core_threshold_bits: str
     """t_i's float32 bit pattern, ``0x…``."""
+    tie_base_abs: float | None = None
+    """The tie rule's |θ0| bound (a float32 value); None: every entry at t_i is in the core."""
+    tie_hash: int | None = None
+    """The tie rule's hash bound (with ``tie_base_abs``)."""
     core_count: int | None = None
-    """Entries with |θi − θ0| >= t_i (k, or more with ties at t_i); None if not analysed."""
+    """Entries in the core (k with the tie rule); None if not analysed."""
+    at_threshold: int | None = None
+    """Entries with |θi − θ0| == t_i, anywhere in the model."""
+    taken_at_threshold: int | None = None
+    """How many of those the core holds (what the tie rule decided)."""
     relative_update_norm: float | None = None
     """‖θi − θ0‖ / ‖θ0‖ over the analysed tensors."""
     per_tensor: dict[str, int] | None = None
@@ -61,7 +70,15 @@ class TaskCore(_Record):
                 f"task {self.name!r}: core_threshold {self.core_threshold!r} does not match "
                 f"its bit pattern {self.core_threshold_bits}"
             )
+        if (self.tie_base_abs is None) != (self.tie_hash is None):
+            raise ValueError(f"task {self.name!r}: tie_base_abs and tie_hash go together")
         return self
+
+    def boundary(self, seed: int) -> CoreBoundary:
+        """The core's boundary (the tie rule hashes with ``seed``, the plan's tie_seed)."""
+        if self.tie_base_abs is None:
+            return CoreBoundary(self.core_threshold, seed=seed)
+        return CoreBoundary(self.core_threshold, self.tie_base_abs, self.tie_hash, seed=seed)
 
 
 class CorePlan(_Record):
@@ -81,6 +98,9 @@ class CorePlan(_Record):
     """floor(core_fraction × D)."""
     core_fraction: float
     tau: float
+    exact_k: bool = True
+    """Cores of exactly k entries (the tie rule), or every entry at the threshold."""
+    tie_seed: int = 0
     seed: int | None = None
     order: StageOrder | None = None
     strategy: Literal["buffer", "histogram"] | None = None
@@ -116,6 +136,11 @@ class CorePlan(_Record):
     def thresholds(self) -> dict[str, float]:
         """``{task name: t_i}``."""
         return {t.name: t.core_threshold for t in self.tasks}
+
+    @property
+    def boundaries(self) -> dict[str, CoreBoundary]:
+        """``{task name: its core's boundary}`` (threshold and tie rule)."""
+        return {t.name: t.boundary(self.tie_seed) for t in self.tasks}
 
     def task(self, name: str) -> TaskCore:
         """The task called ``name``.

@@ -5,8 +5,7 @@ Or from thresholds given in the recipe (no pass over the data: no counts or grou
 
 from __future__ import annotations
 
-import numpy
-
+from cpi_merge.analysis.core_rule import CoreBoundary
 from cpi_merge.analysis.grouping import StageOrder, group_tasks, jaccard_matrix, order_stages
 from cpi_merge.analysis.plan import CorePlan, TaskCore, TensorRecord, threshold_record
 from cpi_merge.analysis.selection import CoreSelection
@@ -30,8 +29,18 @@ def _common(opened: OpenedModels, total: int, k: int) -> dict:
         k=k,
         core_fraction=recipe.parameters.core_fraction,
         tau=recipe.parameters.tau,
+        exact_k=bool(recipe.parameters.exact_k),
+        tie_seed=recipe.parameters.tie_seed,
         tensors=_tensor_records(opened),
     )
+
+
+def _boundary_fields(boundary: CoreBoundary) -> dict:
+    value, bits = threshold_record(boundary.threshold)
+    fields = dict(core_threshold=value, core_threshold_bits=bits)
+    if not boundary.takes_every_tie:
+        fields.update(tie_base_abs=boundary.tie_base_abs, tie_hash=boundary.tie_hash)
+    return fields
 
 
 def build_plan(
@@ -64,14 +73,14 @@ def build_plan(
     groups = order_stages(group_tasks(jaccard, opened.recipe.parameters.tau), order, seed)
     cores = []
     for i, entry in enumerate(tasks):
-        value, bits = threshold_record(selection.thresholds[i])
         cores.append(
             TaskCore(
                 name=labels[i],
                 model=resolved_reference(entry.model),
-                core_threshold=value,
-                core_threshold_bits=bits,
+                **_boundary_fields(selection.boundaries[i]),
                 core_count=int(selection.intersections[i][i]),
+                at_threshold=selection.at_threshold[i],
+                taken_at_threshold=selection.taken_at_threshold[i],
                 relative_update_norm=relative_norms[i],
                 per_tensor={n: int(c) for n, c in zip(names, selection.counts[i], strict=True)},
             )
@@ -88,25 +97,19 @@ def build_plan(
     )
 
 
-def plan_from_thresholds(opened: OpenedModels, thresholds: list[float]) -> CorePlan:
-    """A plan for thresholds given in the recipe: no pass over the data, so no overlaps.
+def plan_from_boundaries(opened: OpenedModels, boundaries: list[CoreBoundary]) -> CorePlan:
+    """A plan for cores given in the recipe: no pass over the data, so no counts or overlaps.
 
     Args:
         opened: The opened models.
-        thresholds: ``t_i`` per task, in recipe order.
+        boundaries: Each task's core boundary, in recipe order.
 
     """
     total = sum(t.numel for t in opened.tensors)
     cores = []
-    for entry, name, t in zip(opened.recipe.tasks, opened.task_names, thresholds, strict=True):
-        value, bits = threshold_record(float(numpy.float32(t)))
+    for entry, name, b in zip(opened.recipe.tasks, opened.task_names, boundaries, strict=True):
         cores.append(
-            TaskCore(
-                name=name,
-                model=resolved_reference(entry.model),
-                core_threshold=value,
-                core_threshold_bits=bits,
-            )
+            TaskCore(name=name, model=resolved_reference(entry.model), **_boundary_fields(b))
         )
     return CorePlan(
         **_common(opened, total, core_size(opened.recipe.parameters.core_fraction, total)),

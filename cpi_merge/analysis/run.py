@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from cpi_merge.analysis.boundary import TensorLayout
 from cpi_merge.analysis.delta_stream import DEFAULT_CHUNK_ENTRIES, DeltaStream
 from cpi_merge.analysis.grouping import StageOrder
 from cpi_merge.analysis.known_cores import KnownCores
@@ -40,7 +41,7 @@ class AnalysisOptions:
     Attributes:
         seed: Seed of the random stage order.
         order: ``"random"`` (the paper) or ``"given"`` (recipe order).
-        strategy: ``"buffer"`` (one pass), ``"histogram"`` (three passes, constant
+        strategy: ``"buffer"`` (one pass), ``"histogram"`` (two passes, bounded
             memory) or ``"auto"`` (buffer when it fits ``memory_budget``). Both exact.
         memory_budget: Bytes the buffer strategy may use (default 40% of RAM).
         progress: Show progress bars.
@@ -98,31 +99,27 @@ def run_analysis(
     k = core_size(recipe.parameters.core_fraction, stream.total)
     labels = opened.task_names
     budget = options.memory_budget
-    chosen = choose_strategy(
-        options.strategy,
-        n_tasks=len(labels),
+    budget = budget if budget is not None else default_memory_budget()
+    chosen = choose_strategy(options.strategy, n_tasks=len(labels), k=k, memory_budget=budget)
+    select = dict(
         k=k,
-        memory_budget=budget if budget is not None else default_memory_budget(),
+        layout=TensorLayout([t.name for t in opened.tensors], stream.offsets),
+        labels=labels,
+        total=stream.total,
+        exact_k=bool(recipe.parameters.exact_k),
+        seed=recipe.parameters.tie_seed,
     )
     if chosen == "buffer":
         # Start each task's buffer at a cut guessed from a small sample, so that few
         # entries below the final threshold are ever buffered; exact whatever the guess.
         cuts = estimate_cuts(stream.sample(), k=k, total=stream.total)
-        select = dict(k=k, tensor_offsets=stream.offsets, labels=labels, total=stream.total)
         try:
             selection = select_cores_buffer(stream("core regions"), cuts=cuts, **select)
         except CutTooHighError:
             LOG.info("a sampled starting cut was too high; selecting again from 0")
             selection = select_cores_buffer(stream("core regions (again)"), **select)
     else:
-        passes = iter(["pass 1/3: histogram", "pass 2/3: threshold", "pass 3/3: overlaps"])
-        selection = select_cores_histogram(
-            lambda: stream(next(passes)),
-            k=k,
-            n_tensors=len(opened.tensors),
-            labels=labels,
-            total=stream.total,
-        )
+        selection = select_cores_histogram(stream, memory_budget=budget, **select)
     opened.close()  # release the mapped shards before whatever comes next (the merge)
     plan = build_plan(
         opened,
@@ -137,7 +134,7 @@ def run_analysis(
     cores = None
     if keep_cores and selection.positions is not None:
         cores = KnownCores.from_global(
-            selection.thresholds,
+            selection.boundaries,
             selection.positions,
             [(t.name, t.numel) for t in opened.tensors],
         )

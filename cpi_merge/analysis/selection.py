@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cpi_merge.analysis.core_rule import CoreBoundary
 from cpi_merge.errors import DegenerateTaskError
 
 
@@ -25,12 +26,14 @@ class DeltaChunk:
         offset: Global flat index of the chunk's first entry (tensors laid end to end).
         deltas: One 1-D float32 tensor per task, all of the same length. They may be
             views of reused buffers: valid only until the next chunk is requested.
+        base: θ0 at the same entries, float32 (same validity), for the tie rule.
 
     """
 
     tensor_index: int
     offset: int
     deltas: tuple[torch.Tensor, ...]
+    base: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -38,23 +41,43 @@ class CoreSelection:
     """Exact core regions, summarised.
 
     Attributes:
-        thresholds: ``t_i`` per task: the k-th largest Δi, a float32 value held exactly.
+        boundaries: Per task, the key of its core's k-th entry (``t_i`` and the tie rule).
         counts: int64 array (tasks × tensors): core entries of task i in tensor j.
         intersections: int64 array (tasks × tasks): ``|Ci ∩ Cj|``; the diagonal is ``|Ci|``.
+        at_threshold: Per task, entries with Δ == t_i.
+        taken_at_threshold: Per task, how many of those are in the core.
         positions: Per task, the sorted global indices of its core entries, when the
             strategy holds them at the end (``buffer``); else None.
 
     """
 
-    thresholds: tuple[float, ...]
+    boundaries: tuple[CoreBoundary, ...]
     counts: np.ndarray
     intersections: np.ndarray
+    at_threshold: tuple[int, ...]
+    taken_at_threshold: tuple[int, ...]
     positions: tuple[np.ndarray, ...] | None = None
 
     @property
+    def thresholds(self) -> tuple[float, ...]:
+        """``t_i`` per task: the k-th largest Δi, a float32 value held exactly."""
+        return tuple(b.threshold for b in self.boundaries)
+
+    @property
     def core_counts(self) -> tuple[int, ...]:
-        """``|Ci|`` per task (at least k; larger when entries tie at the threshold)."""
+        """``|Ci|`` per task (k with the tie rule; more when every tie is taken)."""
         return tuple(int(x) for x in np.diag(self.intersections))
+
+
+def sorted_intersection_size(a: np.ndarray, b: np.ndarray) -> int:
+    """``|a ∩ b|`` for two sorted arrays of distinct integers."""
+    if a.size == 0 or b.size == 0:
+        return 0
+    if a.size < b.size:
+        a, b = b, a
+    pos = np.searchsorted(a, b)
+    pos[pos == a.size] = a.size - 1
+    return int(np.count_nonzero(a[pos] == b))
 
 
 def degenerate_task(label: str, changed: int, k: int, total: int) -> DegenerateTaskError:

@@ -42,7 +42,7 @@ def default_memory_budget() -> int:
 def choose_strategy(strategy: Strategy, *, n_tasks: int, k: int, memory_budget: int) -> str:
     """Pick ``buffer`` (one pass) unless its worst-case memory exceeds the budget.
 
-    The buffer peaks at about 3k (value, index) pairs per task: 36 bytes per core entry.
+    The buffer peaks at about 3k (Δ, |θ0|, index) entries per task: 48 bytes per core entry.
     """
     if strategy != "auto":
         return strategy

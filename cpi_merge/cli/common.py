@@ -92,8 +92,9 @@ def analysis_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["auto", "buffer", "histogram"]),
             default="auto",
             show_default=True,
-            help="Analysis strategy, both exact. buffer: one pass, ~36 B per core entry per "
-            "task; histogram: three passes, constant memory; auto: buffer when it fits "
+            help="Analysis strategy, both exact. buffer: one pass, ~48 B per core entry per "
+            "task; histogram: two passes (more under heavy ties), memory bounded by "
+            "--memory-budget; auto: buffer when it fits "
             "--memory-budget.",
         ),
         click.option(

@@ -37,6 +37,8 @@ DEFAULT_EPSILON = math.acos(0.9995)
 DEFAULT_CORE_FRACTION = 0.01
 DEFAULT_TAU = 0.1
 DTYPES = ("bfloat16", "float16", "float32")
+TIE_HASH_LIMIT = 1 << 53
+"""Tie hashes are below 2^53, so a recipe (float64 numbers) carries them exactly."""
 
 Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 UnitInterval = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -54,6 +56,10 @@ class ModelParameters(_Strict):
     """SLERP factor when this model is folded into the fused non-core entries."""
     core_threshold: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     """A known core threshold t_i; when every task has one, no analysis pass is needed."""
+    tie_base_abs: Annotated[float, Field(ge=0.0, allow_inf_nan=True)] | None = None
+    """With core_threshold: the tie rule's |θ0| bound (absent: every entry at t_i is in)."""
+    tie_hash: Annotated[int, Field(ge=0, lt=TIE_HASH_LIMIT)] | None = None
+    """With tie_base_abs: the tie rule's hash bound."""
     fusion_base: Switch | None = None
     """1 marks the fusion base θbase (default: the last model)."""
     task: Switch | None = None
@@ -85,6 +91,11 @@ class GlobalParameters(_Strict):
     """Default SLERP factor for non-core entries."""
     epsilon: Annotated[float, Field(ge=0.0, le=math.pi, allow_inf_nan=False)] = DEFAULT_EPSILON
     """Angle (radians) under which two vectors count as colinear (linear interpolation)."""
+    exact_k: Switch = 1
+    """1: every core holds exactly k entries (the documented tie rule decides among the
+    entries at the threshold); 0: every entry at the threshold is in the core."""
+    tie_seed: Annotated[int, Field(ge=0, lt=1 << 62)] = 0
+    """Seed of the tie rule's hash."""
 
 
 class CpiRecipe(_Strict):
@@ -117,6 +128,12 @@ class CpiRecipe(_Strict):
         flagged = [m.model for m in self.models if m.parameters.fusion_base == 1]
         if len(flagged) > 1:
             problems.append(f"models: fusion_base: 1 is set on {len(flagged)} models {flagged}")
+        for i, m in enumerate(self.models):
+            p = m.parameters
+            if p.tie_hash is not None and p.tie_base_abs is None:
+                problems.append(f"models[{i}].parameters: tie_hash needs tie_base_abs")
+            if p.tie_base_abs is not None and p.core_threshold is None:
+                problems.append(f"models[{i}].parameters: tie_base_abs needs core_threshold")
         if not duplicates:
             problems += name_problems(self.names, refs)
         if problems:

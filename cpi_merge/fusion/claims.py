@@ -13,7 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from cpi_merge.analysis.core_rule import core_mask, may_hold_core, thresholds_as_float32
+from cpi_merge.analysis.core_rule import (
+    CoreBoundary,
+    as_boundaries,
+    core_mask,
+    core_mask_at,
+    may_hold_core,
+)
 from cpi_merge.errors import NonFiniteError
 
 NO_POSITIONS = torch.empty(0, dtype=torch.int64)
@@ -26,20 +32,32 @@ Claim = tuple[int, torch.Tensor, torch.Tensor]
 def find_claims(
     base: torch.Tensor,
     values: Sequence[torch.Tensor],
-    thresholds: Sequence[float | None],
+    boundaries: Sequence[CoreBoundary | None],
     scratch: torch.Tensor,
     mask: torch.Tensor,
+    *,
+    name: str = "",
+    start: int = 0,
 ) -> list[Claim]:
-    """Every task's claims on a float32 chunk: the entries with ``|θi − θ0| >= t_i``.
+    """Every task's claims on a float32 chunk of one tensor: its core entries there.
 
     Full-size work per task is one difference and one maximum, plus one comparison and
     one ``nonzero`` where the maximum reaches ``t_i``.
+
+    Args:
+        base: θ0's chunk (float32).
+        values: Every model's chunk (float32).
+        boundaries: Per model, its core's boundary (None: not a task).
+        scratch: A float32 buffer of the chunk's size.
+        mask: A bool buffer of the chunk's size.
+        name: The tensor's name (the tie rule hashes it).
+        start: The chunk's first position in the tensor.
 
     Raises:
         NonFiniteError: θ0 or a task holds NaN/Inf in this chunk.
     """
     claims = []
-    for i, (v, t) in enumerate(zip(values, thresholds, strict=True)):
+    for i, (v, t) in enumerate(zip(values, boundaries, strict=True)):
         if t is None:
             continue
         # Same float32 arithmetic as the analysis; never in place (inputs are borrowed).
@@ -47,10 +65,9 @@ def find_claims(
         top = float(delta.max())  # NaN if any entry is NaN
         if not math.isfinite(top):
             raise NonFiniteError("θ0 or a task model holds NaN/Inf")
-        if may_hold_core(
-            top, t
-        ):  # else nothing to claim here (often: cores cluster in few tensors)
-            at = core_mask(delta, t, out=mask).nonzero().squeeze(1)
+        if may_hold_core(top, t):  # else nothing to claim (cores cluster in few tensors)
+            hit = core_mask(delta, t, base=base, name=name, start=start, out=mask)
+            at = hit.nonzero().squeeze(1)
             claims.append((i, at, delta[at]))
     return claims
 
@@ -58,21 +75,26 @@ def find_claims(
 def known_claims(
     base: torch.Tensor,
     flats: Sequence[torch.Tensor],
-    thresholds: Sequence[float | None],
+    boundaries: Sequence[CoreBoundary | None],
     positions: Sequence[torch.Tensor | None],
+    *,
+    name: str = "",
 ) -> list[Claim] | None:
     """Claims at core positions found by an analysis: Δ computed there only.
 
     Returns:
-        The claims, or None when Δ is below ``t_i`` at a given position: these are not
-        the values that were analysed (the caller then finds the cores itself).
+        The claims, or None when a given position is not in its core by the rule: these
+        are not the values that were analysed (the caller then finds the cores itself).
     """
     claims = []
-    for i, (t, at) in enumerate(zip(thresholds, positions, strict=True)):
+    for i, (t, at) in enumerate(zip(boundaries, positions, strict=True)):
         if at is None or t is None:
             continue
-        delta = flats[i][at].float().sub_(base[at].float()).abs_()
-        if at.numel() and not bool(core_mask(delta, t).all()):
+        theta0 = base[at].float()
+        delta = flats[i][at].float().sub_(theta0).abs_()
+        if at.numel() and not bool(
+            core_mask_at(delta, t, base=theta0, name=name, positions=at).all()
+        ):
             return None
         claims.append((i, at, delta))
     return claims
@@ -102,14 +124,20 @@ def owners(claims: Sequence[Claim]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def core_owner(
-    theta0: torch.Tensor, models: Sequence[torch.Tensor], thresholds: Sequence[float | None]
+    theta0: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    boundaries: Sequence[CoreBoundary | float | None],
+    *,
+    name: str = "",
 ) -> torch.Tensor:
     """Which model's core each entry belongs to: its index, or -1 for no core.
 
     Args:
         theta0: θ0, same shape as every model.
         models: θ1..θM in recipe order.
-        thresholds: ``t_i`` per model; ``None`` for models that are not tasks.
+        boundaries: Per model, its core's boundary (or a bare threshold ``t``: every
+            entry with Δ >= t); ``None`` for models that are not tasks.
+        name: The tensor's name (the tie rule hashes it).
 
     Returns:
         int16 tensor shaped like ``theta0``.
@@ -118,9 +146,10 @@ def core_owner(
     claims = find_claims(
         base,
         [m.float().reshape(-1) for m in models],
-        thresholds_as_float32(thresholds),
+        as_boundaries(boundaries),
         torch.empty_like(base),
         torch.empty(base.numel(), dtype=torch.bool),
+        name=name,
     )
     at, owner = owners(claims)
     result = torch.full((theta0.numel(),), -1, dtype=torch.int16)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cpi_merge.analysis.core_rule import thresholds_as_float32
+from cpi_merge.analysis.core_rule import CoreBoundary, as_boundaries
 from cpi_merge.errors import NonFiniteError
 from cpi_merge.fusion.claims import NO_POSITIONS, find_claims, known_claims, owners
 from cpi_merge.fusion.fold import fold_coefficients, gram_matrix
@@ -56,10 +56,12 @@ def fuse_tensor(
     theta0: torch.Tensor,
     models: Sequence[torch.Tensor],
     *,
-    thresholds: Sequence[float | None],
+    boundaries: Sequence[CoreBoundary | float | None],
     omegas: Sequence[float],
     fusion_base: int,
     epsilon: float,
+    name: str = "",
+    analysed_entries: int | None = None,
     chunk_entries: int = CHUNK_ENTRIES,
     core_positions: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
@@ -68,16 +70,21 @@ def fuse_tensor(
     Args:
         theta0: θ0.
         models: Every model of the recipe, in order (same shape and dtype as θ0).
-        thresholds: ``t_i`` (> 0) for tasks, ``None`` for models that are not tasks.
+        boundaries: Per model, its core's boundary (or a bare threshold ``t``: every
+            entry with Δ >= t); ``None`` for models that are not tasks.
         omegas: ω per model (the factor used when that model is folded in).
         fusion_base: Index of θbase in ``models``.
         epsilon: Colinearity angle for SLERP.
+        name: The tensor's name (the tie rule hashes it).
+        analysed_entries: Only the first this many flat entries take part in cores and
+            the fold; the rest (embedding rows of tokens θ0 lacks) keep the fusion
+            base's value. None: every entry.
         chunk_entries: Entries per float32 work chunk.
-        core_positions: Optional, per model: the ascending flat positions where
-            ``|θi − θ0| >= t_i`` (``None`` for models that are not tasks), as found by an
-            analysis of these same values that also checked θ0 and the tasks for NaN/Inf.
-            The result is the same; only the full-size comparisons are skipped. If Δ
-            is below ``t_i`` at one of them (not the analysed values), they are ignored.
+        core_positions: Optional, per model: the ascending flat positions of its core
+            (``None`` for models that are not tasks), as found by an analysis of these
+            same values that also checked θ0 and the tasks for NaN/Inf. The result is
+            the same; only the full-size comparisons are skipped. If one of them is not
+            in its core by the rule (not the analysed values), they are ignored.
 
     Returns:
         The fused tensor, in the fusion base's dtype. Inputs are not modified.
@@ -85,8 +92,22 @@ def fuse_tensor(
     Raises:
         NonFiniteError: A model (or θ0, when ``core_positions`` is not given) holds NaN/Inf.
     """
+    if analysed_entries is not None and analysed_entries < theta0.numel():
+        head = fuse_tensor(
+            theta0.reshape(-1)[:analysed_entries],
+            [m.reshape(-1)[:analysed_entries] for m in models],
+            boundaries=boundaries,
+            omegas=omegas,
+            fusion_base=fusion_base,
+            epsilon=epsilon,
+            name=name,
+            chunk_entries=chunk_entries,
+            core_positions=core_positions,
+        )
+        tail = models[fusion_base].reshape(-1)[analysed_entries:]
+        return torch.cat([head, tail]).reshape(theta0.shape)
     n_models = len(models)
-    thresholds = thresholds_as_float32(thresholds)
+    thresholds = as_boundaries(boundaries)
     base_flat = theta0.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     total = base_flat.numel()
@@ -97,7 +118,7 @@ def fuse_tensor(
     known_at = known_of = None
     known = None
     if core_positions is not None:
-        known = known_claims(base_flat, flats, thresholds, core_positions)
+        known = known_claims(base_flat, flats, thresholds, core_positions, name=name)
     if known is not None:
         known_at, known_of = owners(known)
         edges = torch.arange(0, total + chunk_entries, chunk_entries)
@@ -119,7 +140,10 @@ def fuse_tensor(
         if known_at is None:
             base = base_buf[:m].copy_(base_flat[start:stop])
             _check_finite(base, "θ0")
-            at, owner = owners(find_claims(base, list(v), thresholds, scratch[:m], mask[:m]))
+            claims = find_claims(
+                base, list(v), thresholds, scratch[:m], mask[:m], name=name, start=start
+            )
+            at, owner = owners(claims)
             core_at.append(at + start)
             core_of.append(owner)
         else:

@@ -38,6 +38,7 @@ from mergekit.merge_methods import (
 )
 from mergekit.merge_methods.base import ParameterSpec as Param
 
+from cpi_merge.analysis.core_rule import MAX_HASH, CoreBoundary
 from cpi_merge.analysis.known_cores import KnownCores
 from cpi_merge.config.recipe import DEFAULT_CORE_FRACTION, DEFAULT_EPSILON, DEFAULT_TAU, METHOD_NAME
 from cpi_merge.errors import CheckpointError, CpiError, RecipeError
@@ -52,8 +53,12 @@ _SHARED = ParameterScope.SHARED
 class CpiMethod(GroupMergeMethod):
     """CPI-FT fusion of one tensor group (see :mod:`cpi_merge.fusion.kernel`).
 
-    ``core_fraction`` and ``tau`` are accepted so that the recipe validates; they act in
-    the analysis, not here.
+    Each task's core is given by its boundary: ``core_threshold`` and, for an exact-k core,
+    ``tie_base_abs`` and ``tie_hash`` (:mod:`cpi_merge.analysis.core_rule`), with the
+    recipe's ``tie_seed``. ``base_vocab_rows`` (set by ``cpi-merge`` with a tokenizer
+    option) limits cores and the fold to the embedding rows of the base's tokens.
+    ``core_fraction``, ``tau`` and ``exact_k`` are accepted so that the recipe validates;
+    they act in the analysis, not here.
     """
 
     spec = MergeMethodSpec(
@@ -64,11 +69,16 @@ class CpiMethod(GroupMergeMethod):
         parameters=(
             Param("omega", float, _EACH, default=0.5),
             Param("core_threshold", float, _EACH, default=UNSET),
+            Param("tie_base_abs", float, _EACH, default=math.inf),
+            Param("tie_hash", float, _EACH, default=float(MAX_HASH)),
             Param("fusion_base", int, _EACH, default=0),
             Param("task", int, _EACH, default=1),
             Param("core_fraction", float, _SHARED, default=DEFAULT_CORE_FRACTION),
             Param("tau", float, _SHARED, default=DEFAULT_TAU),
             Param("epsilon", float, _SHARED, default=DEFAULT_EPSILON),
+            Param("exact_k", int, _SHARED, default=1),
+            Param("tie_seed", int, _SHARED, default=0),
+            Param("base_vocab_rows", int, _SHARED, default=-1),
         ),
     )
 
@@ -106,10 +116,10 @@ class CpiMethod(GroupMergeMethod):
         if not theta0.is_floating_point():
             return theta0
         task, threshold = params["task"], params["core_threshold"]
-        thresholds = []
+        boundaries: list[CoreBoundary | None] = []
         for entry in entries:
             if task[entry.id] == 0:
-                thresholds.append(None)
+                boundaries.append(None)
                 continue
             t = threshold[entry.id]
             if not (t > 0 and math.isfinite(t)):
@@ -117,7 +127,14 @@ class CpiMethod(GroupMergeMethod):
                     f"tensor {name}: model {entry.id} has no core_threshold (got {t}); run "
                     "cpi-merge, which computes them, or set models[].parameters.core_threshold"
                 )
-            thresholds.append(float(t))
+            boundaries.append(
+                CoreBoundary(
+                    float(t),
+                    float(params["tie_base_abs"][entry.id]),
+                    int(params["tie_hash"][entry.id]),
+                    seed=int(params["tie_seed"]),
+                )
+            )
         flagged = [i for i, e in enumerate(entries) if params["fusion_base"][e.id] == 1]
         if len(flagged) > 1:
             raise RecipeError(f"fusion_base: 1 is set on {len(flagged)} models; set it on one")
@@ -132,17 +149,33 @@ class CpiMethod(GroupMergeMethod):
             fused = fuse_tensor(
                 theta0.cpu(),
                 [e.tensor.cpu() for e in entries],
-                thresholds=thresholds,
+                boundaries=boundaries,
                 omegas=omegas,
                 fusion_base=flagged[0] if flagged else len(entries) - 1,
                 epsilon=float(params["epsilon"]),
+                name=name,
+                analysed_entries=_analysed_entries(group, int(params["base_vocab_rows"])),
                 core_positions=(
-                    cores.for_tensor(name, thresholds, theta0.numel()) if cores else None
+                    cores.for_tensor(name, boundaries, theta0.numel()) if cores else None
                 ),
             )
         except CheckpointError as exc:
             raise type(exc)(f"tensor {name}: {exc}; no output was written") from None
         return fused.to(device)
+
+
+def _analysed_entries(group: TensorGroup, base_vocab_rows: int) -> int | None:
+    """Entries of a vocabulary tensor that belong to the base's tokens (None: all)."""
+    axis = group.metadata.vocabulary_axis
+    shape = group.base.tensor.shape
+    if base_vocab_rows < 0 or axis is None or shape[axis] <= base_vocab_rows:
+        return None
+    if axis != 0:
+        raise RecipeError(
+            f"tensor {group.metadata.name}: vocabulary along axis {axis}; cpi supports "
+            "vocabulary-indexed tensors with the vocabulary along axis 0 only"
+        )
+    return base_vocab_rows * (group.base.tensor.numel() // shape[0])
 
 
 def register_cpi_method() -> CpiMethod:

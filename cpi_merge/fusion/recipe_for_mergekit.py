@@ -6,29 +6,42 @@ It is also what ``cpi-merge`` writes as ``mergekit_config.yml``, so ``mergekit-y
 
 from __future__ import annotations
 
+from cpi_merge.analysis.core_rule import CoreBoundary
 from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.config.recipe import CpiRecipe
 from cpi_merge.errors import RecipeError
 from cpi_merge.io.checkpoints import resolved_reference
 
 
-def recipe_thresholds(recipe: CpiRecipe) -> list[float] | None:
-    """The tasks' ``core_threshold`` values if every task has one, else None.
+def recipe_boundaries(recipe: CpiRecipe) -> list[CoreBoundary] | None:
+    """The tasks' cores as given in the recipe if every task has a ``core_threshold``.
+
+    A task with ``tie_base_abs`` and ``tie_hash`` has an exact-k core; one with only its
+    threshold takes every entry at it (see :mod:`cpi_merge.analysis.core_rule`).
+
+    Returns:
+        One boundary per task, or None when no task has a threshold (run the analysis).
 
     Raises:
         RecipeError: Some tasks have a threshold and others do not.
 
     """
-    given = [m.parameters.core_threshold for m in recipe.tasks]
-    if all(t is None for t in given):
+    given = [m.parameters for m in recipe.tasks]
+    if all(p.core_threshold is None for p in given):
         return None
-    if any(t is None for t in given):
+    if any(p.core_threshold is None for p in given):
         missing = [m.model for m in recipe.tasks if m.parameters.core_threshold is None]
         raise RecipeError(
             f"core_threshold is set on some tasks but not on {missing}; set it on every "
             "task (no analysis pass) or on none (cpi-merge runs the analysis)"
         )
-    return [float(t) for t in given]
+    seed = recipe.parameters.tie_seed
+    return [
+        CoreBoundary(p.core_threshold, seed=seed)
+        if p.tie_base_abs is None
+        else CoreBoundary(p.core_threshold, p.tie_base_abs, p.tie_hash or 0, seed=seed)
+        for p in given
+    ]
 
 
 def resolved_recipe(recipe: CpiRecipe, plan: CorePlan, out_dtype: str | None) -> dict:
@@ -45,7 +58,7 @@ def resolved_recipe(recipe: CpiRecipe, plan: CorePlan, out_dtype: str | None) ->
 
     """
     doc = recipe.model_dump(mode="json", exclude_none=True)
-    thresholds = plan.thresholds
+    boundaries = plan.boundaries
     fusion_base = recipe.fusion_base
     doc["base_model"] = resolved_reference(doc["base_model"])
     for entry, model, name in zip(doc["models"], recipe.models, recipe.names, strict=True):
@@ -53,8 +66,14 @@ def resolved_recipe(recipe: CpiRecipe, plan: CorePlan, out_dtype: str | None) ->
         params = entry.setdefault("parameters", {})
         params["task"] = 1 if model.is_task else 0
         params["fusion_base"] = 1 if model is fusion_base else 0
+        for key in ("core_threshold", "tie_base_abs", "tie_hash"):
+            params.pop(key, None)
         if model.is_task:
-            params["core_threshold"] = thresholds[name]
+            b = boundaries[name]
+            params["core_threshold"] = b.threshold
+            if not b.takes_every_tie:
+                params["tie_base_abs"] = b.tie_base_abs
+                params["tie_hash"] = b.tie_hash
     if out_dtype and not recipe.out_dtype and not recipe.dtype:
         doc["out_dtype"] = out_dtype
     return doc

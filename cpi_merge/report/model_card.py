@@ -23,18 +23,25 @@ def cpi_card_section(plan: CorePlan, recipe: CpiRecipe) -> str:
         "## CPI-FT fusion",
         "",
         "Merged with [cpi-merge](https://arxiv.org/abs/2508.21741) (Core Parameter Isolation): "
-        "each task's core entries (its top "
-        f"{100 * plan.core_fraction:g}% of |θi − θ0| over the whole model) are copied from "
-        f"that task; the other entries are SLERP-fused starting from the fusion base "
-        f"`{recipe.name_of(recipe.fusion_base)}` (ω = {p.omega:g} unless set per model).",
+        f"each task's core (the k = {plan.k:,} entries with the largest |θi − θ0| over the "
+        f"whole model, p = {plan.core_fraction:g} of D = {plan.total_parameters:,}"
+        + (
+            "; exactly k, ties at the threshold decided by the tie rule"
+            if plan.exact_k
+            else "; every entry tied at the threshold included"
+        )
+        + ") is copied from that task; the other entries are SLERP-fused starting from the "
+        f"fusion base `{recipe.name_of(recipe.fusion_base)}` (ω = {p.omega:g} unless set "
+        "per model).",
         "",
-        "| task | core threshold t_i | core entries | ‖θi − θ0‖ / ‖θ0‖ |",
-        "|---|---|---|---|",
+        "| task | core threshold t_i | core entries | entries at t_i (taken) | ‖θi − θ0‖ / ‖θ0‖ |",
+        "|---|---|---|---|---|",
     ]
     for t in plan.tasks:
         count = f"{t.core_count:,}" if t.core_count is not None else "—"
         rel = f"{t.relative_update_norm:.3e}" if t.relative_update_norm is not None else "—"
-        lines.append(f"| `{t.name}` | {t.core_threshold:.6e} | {count} | {rel} |")
+        ties = "—" if t.at_threshold is None else f"{t.at_threshold:,} ({t.taken_at_threshold:,})"
+        lines.append(f"| `{t.name}` | {t.core_threshold:.6e} | {count} | {ties} | {rel} |")
     lines.append("")
     if plan.analysed:
         lines.append(

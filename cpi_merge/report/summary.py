@@ -28,10 +28,11 @@ def format_summary(plan: CorePlan) -> str:
         Multi-line text.
 
     """
+    ties = "exactly k each (tie rule)" if plan.exact_k else "every entry at t_i included"
     lines = [
         f"CPI analysis of {len(plan.tasks)} task(s) against base {plan.base_model!r}",
         f"  D = {plan.total_parameters:,} entries, core_fraction p = {plan.core_fraction:g} "
-        f"(k = {plan.k:,}), tau = {plan.tau:g}"
+        f"(k = {plan.k:,}; {ties}), tau = {plan.tau:g}"
         + (f", strategy = {plan.strategy}" if plan.strategy else ""),
         "",
     ]
@@ -42,9 +43,13 @@ def format_summary(plan: CorePlan) -> str:
         share = (
             "-" if t.core_count is None else f"{100 * t.core_count / plan.total_parameters:.3f}%"
         )
-        rows.append([str(i), t.name, f"{t.core_threshold:.6e}", count, share, rel])
-    lines += _table(
-        ["#", "task", "threshold t_i", "core entries", "core %", "|Δ|/|θ0|"], rows, {0, 2, 3, 4, 5}
+        at = "-" if t.at_threshold is None else f"{t.at_threshold:,}"
+        took = "-" if t.taken_at_threshold is None else f"{t.taken_at_threshold:,}"
+        rows.append([str(i), t.name, f"{t.core_threshold:.6e}", count, share, at, took, rel])
+    header = ["#", "task", "threshold t_i", "core entries", "core %", "at t_i", "taken", "|Δ|/|θ0|"]
+    lines += _table(header, rows, set(range(8)) - {1})
+    lines.append(
+        "  (at t_i: entries whose |Δ| equals the threshold; taken: how many the core holds)"
     )
     if not plan.analysed:
         lines += ["", "Thresholds were given in the recipe: overlaps and groups not computed."]
