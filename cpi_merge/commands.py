@@ -26,10 +26,15 @@ from cpi_merge.analysis.plan_build import plan_from_boundaries
 from cpi_merge.analysis.run import AnalysisOptions, run_analysis
 from cpi_merge.config.recipe import CpiRecipe, load_recipe
 from cpi_merge.errors import OutputError
-from cpi_merge.fusion.recipe_for_mergekit import recipe_boundaries, resolved_recipe
+from cpi_merge.fusion.recipe_for_mergekit import (
+    mergekit_recipe,
+    recipe_boundaries,
+    resolved_recipe,
+)
 from cpi_merge.io.manifest import Manifest
 from cpi_merge.io.opened import OpenedModels, open_models
 from cpi_merge.io.output_dir import check_output_location, staged_output
+from cpi_merge.io.vocabulary import check_output_vocabulary
 from cpi_merge.report.model_card import cpi_card_section
 from cpi_merge.report.plan_files import write_plan_files, write_plan_folder, write_plan_pictures
 
@@ -116,15 +121,17 @@ def merge(
     opened = open_models(recipe, allow_pickle=allow_pickle)
     check_output_location(out_dir, force=force, inputs=opened.local_folders)
     given = recipe_boundaries(recipe)
+    if opened.vocabulary is not None:
+        check_output_vocabulary(
+            MergeConfiguration.model_validate(mergekit_recipe(recipe)), opened.vocabulary
+        )
     method = register_cpi_method()
     inputs = [(role, c.reference, c.path) for role, c in opened.roles()]
     manifest.hash_inputs(path for _, _, path in inputs)
     try:
         cores = None
         if given is None:
-            # Tokenizer options rearrange embedding rows: not the analysed values.
-            keep = not (recipe.tokenizer_source or recipe.tokenizer)
-            analysis = run_analysis(opened, settings, keep_cores=keep)
+            analysis = run_analysis(opened, settings, keep_cores=True)
             plan, cores = analysis.plan, analysis.cores
         else:
             plan = plan_from_boundaries(opened, given)

@@ -226,7 +226,7 @@ def _save_word_tokenizer(folder, rename=None):
 
 
 def test_tokenizer_source_rearranges_embeddings_and_still_merges_the_same(tmp_path, monkeypatch):
-    """mergekit moves embedding rows for tokenizer_source: not the values analysed."""
+    """A task that renamed two tokens: its rows for them count as unchanged (by token)."""
     import safetensors.torch
 
     base, tasks = make_hf_family(tmp_path, "llama", tied=False, dtype=torch.float32, step=0.02)
@@ -244,7 +244,7 @@ def test_tokenizer_source_rearranges_embeddings_and_still_merges_the_same(tmp_pa
     recipe.write_text(yaml.safe_dump({**doc, "tokenizer_source": "base"}))
     used = _count_core_lookups(monkeypatch)
     merged(recipe, tmp_path / "buffer", strategy="buffer")
-    assert used == []  # the analysed positions are not handed over
+    assert used and all(used)  # rows are compared by token: the positions are the merge's
     merged(recipe, tmp_path / "histogram", strategy="histogram")  # never hands cores over
     a, b = load_folder(tmp_path / "buffer"), load_folder(tmp_path / "histogram")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

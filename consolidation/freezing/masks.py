@@ -9,6 +9,7 @@ int32 per parameter name; only core positions are ever materialised.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -19,6 +20,7 @@ from cpi_merge.config.recipe import torch_dtype
 from cpi_merge.errors import CheckpointError
 from cpi_merge.io.checkpoints import open_checkpoint
 from cpi_merge.io.compatibility import check_compatible
+from cpi_merge.io.vocabulary import align_vocabularies
 
 
 def check_plan_matches_model(
@@ -36,11 +38,18 @@ def check_plan_matches_model(
         CheckpointError: Listing every missing parameter and shape mismatch.
     """
     problems = []
+    vocabulary = set(plan.vocabulary_tensors or ())
     for t in plan.tensors:
         if t.name in buffers:
             continue
         if t.name not in shapes:
             problems.append(f"{t.name!r} is in the plan but not a parameter of the model")
+        elif t.name in vocabulary and shapes[t.name][1:] == tuple(t.shape[1:]):
+            if shapes[t.name][0] < t.shape[0]:  # the model must hold the analysed rows
+                problems.append(
+                    f"{t.name!r} has {shapes[t.name][0]:,} rows in the model, fewer than the "
+                    f"{t.shape[0]:,} analysed base-token rows of the plan"
+                )
         elif tuple(shapes[t.name]) != tuple(t.shape):
             problems.append(
                 f"{t.name!r} has shape {list(shapes[t.name])} in the model, {t.shape} in the plan"
@@ -76,8 +85,21 @@ def core_positions(
         raise CheckpointError(f"tasks {missing} are not in the plan (it has {list(known)})")
     base = open_checkpoint(plan.base_model, role="the plan's base_model")
     models = [open_checkpoint(plan.task(t).model, role=f"plan task {t!r}") for t in tasks]
-    check_compatible(base, [(f"plan task {t!r}", m) for t, m in zip(tasks, models, strict=True)])
+    roles = [(f"plan task {t!r}", m) for t, m in zip(tasks, models, strict=True)]
+    vocabulary = None
+    if plan.vocabulary_rows is not None:
+        vocabulary = align_vocabularies(base, roles)
+        if vocabulary.rows != plan.vocabulary_rows:
+            raise CheckpointError(
+                f"the plan's base_model {plan.base_model!r} now has {vocabulary.rows:,} "
+                f"tokens, the plan {plan.vocabulary_rows:,}; rerun cpi-analyze"
+            )
+    check_compatible(base, roles, vocabulary=vocabulary.tensors if vocabulary else frozenset())
     by_name = {t.name: t for t in base.float_tensors}
+    if vocabulary is not None:
+        by_name = {
+            n: replace(t, shape=vocabulary.analysed_shape(n, t.shape)) for n, t in by_name.items()
+        }
     wanted = []
     for record in plan.tensors:
         info = by_name.get(record.name)
@@ -87,7 +109,14 @@ def core_positions(
                 f"tensor {record.name!r}; rerun cpi-analyze"
             )
         wanted.append(info)
-    stream = DeltaStream(base, models, wanted, cast=torch_dtype(plan.dtype), progress=progress)
+    stream = DeltaStream(
+        base,
+        models,
+        wanted,
+        cast=torch_dtype(plan.dtype),
+        progress=progress,
+        vocabulary=vocabulary,
+    )
     boundaries = [plan.boundaries[t] for t in tasks]
     found: dict[str, list[torch.Tensor]] = {}
     for chunk in stream("core positions"):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from cpi_merge.analysis.selection import DeltaChunk
 from cpi_merge.errors import NonFiniteError
 from cpi_merge.io.checkpoints import Checkpoint, TensorInfo
+from cpi_merge.io.vocabulary import VocabularyAlignment
 
 DEFAULT_CHUNK_ENTRIES = 1 << 22
 DEFAULT_SAMPLE_ENTRIES = 1 << 22
@@ -66,6 +67,8 @@ class DeltaStream:
             loader does, so the analysis sees the values the merge will see.
         chunk_entries: Float32 scratch size per buffer, in entries.
         progress: Show a progress bar.
+        vocabulary: With a tokenizer option: vocabulary tensors are compared by token
+            (``tensors`` then carry the analysed shapes).
 
     """
 
@@ -78,8 +81,10 @@ class DeltaStream:
         cast: torch.dtype | None = None,
         chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
         progress: bool = True,
+        vocabulary: VocabularyAlignment | None = None,
     ):
         self.base = base
+        self.vocabulary = vocabulary
         self.tasks = list(tasks)
         self.tensors = list(tensors)
         self.cast = cast
@@ -99,6 +104,21 @@ class DeltaStream:
         if self.cast is not None and x.dtype != self.cast:
             x = x.to(self.cast)
         return x.reshape(-1)
+
+    def _load_all(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """θ0 and every task's tensor, flat, vocabulary rows aligned by token."""
+        base = self._load(self.base, name)
+        tasks = [self._load(t, name) for t in self.tasks]
+        vocab = self.vocabulary
+        if vocab is None or name not in vocab.tensors:
+            return base, tasks
+        shape = self.base.tensors[name].shape
+        base = vocab.align(self.base, name, base.view(shape[0], -1), None)
+        tasks = [
+            vocab.align(c, name, t.view(c.tensors[name].shape[0], -1), base)
+            for c, t in zip(self.tasks, tasks, strict=True)
+        ]
+        return base.reshape(-1), [t.reshape(-1) for t in tasks]
 
     def sample(
         self, entries: int = DEFAULT_SAMPLE_ENTRIES, block: int = SAMPLE_BLOCK
@@ -125,16 +145,18 @@ class DeltaStream:
                 if rows == 0 or take == 0:
                     continue
                 blocks = (rows, min(take, rows), block)
-            base = self._sampled(self.base, info.name, blocks)
-            for part, task in zip(parts, self.tasks, strict=True):
-                part.append(self._sampled(task, info.name, blocks).sub_(base).abs_())
+            if self.vocabulary is not None and info.name in self.vocabulary.tensors:
+                base, tasks = self._load_all(info.name)  # rows by token: a small tensor
+            else:  # one tensor at a time: only its sampled blocks stay
+                base, tasks = self.base.get(info.name), (t.get(info.name) for t in self.tasks)
+            base = self._sampled(base, blocks)
+            for part, task in zip(parts, tasks, strict=True):
+                part.append(self._sampled(task, blocks).sub_(base).abs_())
         return [torch.cat(p) if p else torch.empty(0) for p in parts]
 
-    def _sampled(
-        self, ckpt: Checkpoint, name: str, blocks: tuple[int, int, int] | None
-    ) -> torch.Tensor:
+    def _sampled(self, x: torch.Tensor, blocks: tuple[int, int, int] | None) -> torch.Tensor:
         """``take`` evenly spaced of a tensor's ``rows`` blocks of ``size``, cast, float32."""
-        x = ckpt.get(name).reshape(-1)
+        x = x.reshape(-1)
         if blocks is not None:
             rows, take, size = blocks
             picked = torch.linspace(0, rows - 1, take).round().long()  # exactly take blocks
@@ -171,8 +193,7 @@ class DeltaStream:
         )
         try:
             for index, (info, offset) in enumerate(zip(self.tensors, self.offsets, strict=True)):
-                base = self._load(self.base, info.name)
-                tasks = [self._load(t, info.name) for t in self.tasks]
+                base, tasks = self._load_all(info.name)
                 for start in range(0, info.numel, n):
                     stop = min(start + n, info.numel)
                     m = stop - start

@@ -105,6 +105,11 @@ class CorePlan(_Record):
     order: StageOrder | None = None
     strategy: Literal["buffer", "histogram"] | None = None
     tensors: list[TensorRecord]
+    """The analysed tensors, with the shapes the analysis saw."""
+    vocabulary_rows: int | None = None
+    """With a tokenizer option: the leading rows of ``vocabulary_tensors`` (the base's
+    tokens) that were analysed, compared by token; the other rows are in no core."""
+    vocabulary_tensors: list[str] | None = None
     tasks: list[TaskCore]
     intersections: list[list[int]] | None = None
     """``|Ci ∩ Cj|``, N × N; the diagonal is ``core_count``."""

@@ -32,6 +32,14 @@ def _common(opened: OpenedModels, total: int, k: int) -> dict:
         exact_k=bool(recipe.parameters.exact_k),
         tie_seed=recipe.parameters.tie_seed,
         tensors=_tensor_records(opened),
+        **(
+            dict(
+                vocabulary_rows=opened.vocabulary.rows,
+                vocabulary_tensors=sorted(opened.vocabulary.tensors),
+            )
+            if opened.vocabulary
+            else {}
+        ),
     )
 
 

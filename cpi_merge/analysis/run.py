@@ -95,6 +95,7 @@ def run_analysis(
         cast=torch_dtype(recipe.dtype),
         chunk_entries=options.chunk_entries,
         progress=options.progress,
+        vocabulary=opened.vocabulary,
     )
     k = core_size(recipe.parameters.core_fraction, stream.total)
     labels = opened.task_names

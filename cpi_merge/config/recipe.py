@@ -96,6 +96,9 @@ class GlobalParameters(_Strict):
     entries at the threshold); 0: every entry at the threshold is in the core."""
     tie_seed: Annotated[int, Field(ge=0, lt=1 << 62)] = 0
     """Seed of the tie rule's hash."""
+    base_vocab_rows: Annotated[int, Field(gt=0)] | None = None
+    """Written by ``cpi-merge`` with a tokenizer option: the leading embedding rows that are
+    the base's tokens (the only rows a core can hold)."""
 
 
 class CpiRecipe(_Strict):

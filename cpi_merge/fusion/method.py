@@ -142,6 +142,7 @@ class CpiMethod(GroupMergeMethod):
         if any(not 0.0 <= w <= 1.0 for w in omegas):
             raise RecipeError(f"omega must be in [0, 1]; got {omegas}")
         cores = self._cores
+        analysed = _analysed_entries(group, int(params["base_vocab_rows"]))
         # The kernel's scratch buffers live in CPU memory: with --cuda, the tensors mergekit
         # moved to the GPU come back for the fusion (and the result goes back to the GPU).
         device = theta0.device
@@ -154,9 +155,11 @@ class CpiMethod(GroupMergeMethod):
                 fusion_base=flagged[0] if flagged else len(entries) - 1,
                 epsilon=float(params["epsilon"]),
                 name=name,
-                analysed_entries=_analysed_entries(group, int(params["base_vocab_rows"])),
+                analysed_entries=analysed,
                 core_positions=(
-                    cores.for_tensor(name, boundaries, theta0.numel()) if cores else None
+                    cores.for_tensor(name, boundaries, analysed or theta0.numel())
+                    if cores
+                    else None
                 ),
             )
         except CheckpointError as exc:

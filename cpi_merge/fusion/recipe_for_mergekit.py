@@ -44,6 +44,19 @@ def recipe_boundaries(recipe: CpiRecipe) -> list[CoreBoundary] | None:
     ]
 
 
+def mergekit_recipe(recipe: CpiRecipe) -> dict:
+    """The recipe as a plain dict with local model folders as absolute paths.
+
+    mergekit's model card asks the Hugging Face Hub about any relative ``dir/name`` path
+    that could be a repo id, which fails offline; an absolute path is never looked up.
+    """
+    doc = recipe.model_dump(mode="json", exclude_none=True)
+    doc["base_model"] = resolved_reference(doc["base_model"])
+    for entry in doc["models"]:
+        entry["model"] = resolved_reference(entry["model"])
+    return doc
+
+
 def resolved_recipe(recipe: CpiRecipe, plan: CorePlan, out_dtype: str | None) -> dict:
     """The recipe as mergekit will run it: thresholds, task and fusion-base flags explicit.
 
@@ -57,12 +70,10 @@ def resolved_recipe(recipe: CpiRecipe, plan: CorePlan, out_dtype: str | None) ->
         mergekit; local model folders are absolute paths.
 
     """
-    doc = recipe.model_dump(mode="json", exclude_none=True)
+    doc = mergekit_recipe(recipe)
     boundaries = plan.boundaries
     fusion_base = recipe.fusion_base
-    doc["base_model"] = resolved_reference(doc["base_model"])
     for entry, model, name in zip(doc["models"], recipe.models, recipe.names, strict=True):
-        entry["model"] = resolved_reference(entry["model"])
         params = entry.setdefault("parameters", {})
         params["task"] = 1 if model.is_task else 0
         params["fusion_base"] = 1 if model is fusion_base else 0
@@ -76,4 +87,6 @@ def resolved_recipe(recipe: CpiRecipe, plan: CorePlan, out_dtype: str | None) ->
                 params["tie_hash"] = b.tie_hash
     if out_dtype and not recipe.out_dtype and not recipe.dtype:
         doc["out_dtype"] = out_dtype
+    if plan.vocabulary_rows is not None:
+        doc.setdefault("parameters", {})["base_vocab_rows"] = plan.vocabulary_rows
     return doc

@@ -11,12 +11,19 @@ from cpi_merge.io.checkpoints import Checkpoint
 _VOCAB = re.compile(r"embed|lm_head|wte|output\.weight$|word_embeddings")
 
 
-def check_compatible(base: Checkpoint, others: Sequence[tuple[str, Checkpoint]]) -> None:
+def check_compatible(
+    base: Checkpoint,
+    others: Sequence[tuple[str, Checkpoint]],
+    *,
+    vocabulary: frozenset[str] = frozenset(),
+) -> None:
     """Require every model to store the same floating-point tensors, with the same shapes.
 
     Args:
         base: θ0.
         others: ``(role, checkpoint)`` for every other model.
+        vocabulary: Vocabulary-indexed tensors, which may differ in their number of rows
+            (the recipe has a tokenizer option: rows are matched by token).
 
     Raises:
         CheckpointError: A tensor is missing, extra, or has another shape; all problems
@@ -37,14 +44,13 @@ def check_compatible(base: Checkpoint, others: Sequence[tuple[str, Checkpoint]])
             problems.append(f"{where} has {len(extra)} tensor(s) the base lacks{hint}: {extra[:5]}")
         for name in sorted(set(expected) & set(found)):
             want, got = expected[name], found[name]
-            if want == got:
+            if want == got or (name in vocabulary and want[1:] == got[1:]):
                 continue
             if _VOCAB.search(name) and want[1:] == got[1:] and len(want) == 2:
                 problems.append(
                     f"{where}: vocabulary size differs in {name!r}: {got[0]:,} rows, base has "
-                    f"{want[0]:,}. Cores compare entries one to one, so every model must use "
-                    "the base's vocabulary: align them first (e.g. mergekit-tokensurgeon) "
-                    "or drop the added tokens"
+                    f"{want[0]:,}. Set `tokenizer_source: union` (or `base`, or a model) in "
+                    "the recipe, as for mergekit: embedding rows are then compared by token"
                 )
             else:
                 problems.append(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cpi_merge.config.recipe import CpiRecipe
 from cpi_merge.errors import CheckpointError
 from cpi_merge.io.checkpoints import Checkpoint, TensorInfo, open_checkpoint
 from cpi_merge.io.compatibility import check_compatible
+from cpi_merge.io.vocabulary import VocabularyAlignment, align_vocabularies
 
 
 @dataclass
@@ -19,7 +20,10 @@ class OpenedModels:
     models: list[Checkpoint]
     """Every model of ``models:``, in recipe order."""
     tensors: list[TensorInfo]
-    """The floating-point tensors of the base, in streaming order."""
+    """The floating-point tensors of the base, in streaming order, with the shapes the
+    analysis sees (vocabulary rows cut to the base's tokens with a tokenizer option)."""
+    vocabulary: VocabularyAlignment | None = None
+    """How vocabulary rows line up by token (recipes with a tokenizer option)."""
 
     @property
     def tasks(self) -> list[Checkpoint]:
@@ -75,8 +79,14 @@ def open_models(recipe: CpiRecipe, *, allow_pickle: bool = False) -> OpenedModel
     if problems:
         raise CheckpointError("\n".join(problems))
     base, models = opened[0], opened[1:]
-    check_compatible(base, list(zip(roles[1:], models, strict=True)))
+    others = list(zip(roles[1:], models, strict=True))
+    vocabulary = None
+    if recipe.tokenizer_source or recipe.tokenizer:
+        vocabulary = align_vocabularies(base, others)
+    check_compatible(base, others, vocabulary=vocabulary.tensors if vocabulary else frozenset())
     tensors = base.float_tensors
     if not tensors:
         raise CheckpointError(f"base_model {base.reference!r} stores no floating-point tensors")
-    return OpenedModels(recipe=recipe, base=base, models=models, tensors=tensors)
+    if vocabulary is not None:
+        tensors = [replace(t, shape=vocabulary.analysed_shape(t.name, t.shape)) for t in tensors]
+    return OpenedModels(recipe, base, models, tensors, vocabulary)
