@@ -7,11 +7,14 @@ the dtype the input was stored in, so frozen entries of a bf16 model round-trip 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from consolidation.training.distributed import barrier, is_main_process
 from cpi_merge.errors import CheckpointError
+from cpi_merge.io.lora import LoraCache, is_lora
 
 
 def load_tokenizer(folder: str | Path):
@@ -71,3 +74,37 @@ def save_model(model: torch.nn.Module, tokenizer, folder: str | Path, dtype: tor
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A config's ``model:`` on disk: weights folder, tokenizer folder, input folders."""
+
+    weights: str
+    tokenizer: str
+    inputs: list[str]
+
+
+def model_folders(reference: str) -> list[str]:
+    """The local folders a ``model:`` reference reads (both parts of ``base+adapter``)."""
+    return [p for p in reference.split("+") if Path(p).is_dir()] or [reference]
+
+
+def local_model(reference: str, work: Path) -> LocalModel:
+    """Where a ``model:`` reference lives; a ``base+adapter`` is merged first (rank 0 first).
+
+    The adapter is merged by mergekit (PEFT ``merge_and_unload``) into ``work``; the
+    tokenizer is the base's.
+
+    Raises:
+        CheckpointError: The adapter cannot be merged.
+    """
+    if not is_lora(reference):
+        return LocalModel(reference, reference, [reference])
+    cache = LoraCache(str(work / "lora-cache"))
+    folder = None
+    if is_main_process():
+        folder = cache.merged_folder(reference, role="model")
+    barrier()
+    folder = folder or cache.merged_folder(reference, role="model")  # made by rank 0: reused
+    return LocalModel(folder, reference.split("+")[0], model_folders(reference))

@@ -18,7 +18,13 @@ import yaml
 
 from consolidation.config import ProbeConfig, load_probe_config
 from consolidation.data import collator, task_datasets
-from consolidation.models import load_for_training, load_tokenizer, save_model
+from consolidation.models import (
+    load_for_training,
+    load_tokenizer,
+    local_model,
+    model_folders,
+    save_model,
+)
 from consolidation.training.distributed import barrier, init_distributed, is_main_process
 from consolidation.training.trainer import build_optimizer, losses, run_stage
 from consolidation.workdir import prepare_work_dir
@@ -61,8 +67,10 @@ def run_probes(
     init_distributed()
     cfg = config if isinstance(config, ProbeConfig) else load_probe_config(config)
     out_dir = Path(out_dir)
-    work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=[cfg.model])
-    tokenizer = load_tokenizer(cfg.model)
+    inputs = model_folders(cfg.model)
+    work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=inputs)
+    local = local_model(cfg.model, work)
+    tokenizer = load_tokenizer(local.tokenizer)
     datasets = task_datasets(cfg, tokenizer)
     collate = collator(tokenizer)
     results: dict[str, dict] = {}
@@ -71,7 +79,7 @@ def run_probes(
         if done.exists():
             results[task] = json.loads(done.read_text())
             continue
-        model, dtype = load_for_training(cfg.model)
+        model, dtype = load_for_training(local.weights)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer = run_stage(
             model,
@@ -99,7 +107,7 @@ def run_probes(
         del model, trainer, start
 
     if is_main_process():
-        with staged_output(out_dir, force=force, inputs=[cfg.model]) as tmp:
+        with staged_output(out_dir, force=force, inputs=inputs) as tmp:
             for task in datasets:
                 shutil.move(str(work / task), str(tmp / task))
                 (tmp / task / "probe.json").unlink()

@@ -21,7 +21,13 @@ from consolidation.config import ConsolidationConfig, load_consolidation_config
 from consolidation.data import collator, task_datasets
 from consolidation.freezing.freezer import ExactFreezer
 from consolidation.freezing.masks import check_plan_matches_model, core_positions
-from consolidation.models import load_for_training, load_tokenizer, save_model
+from consolidation.models import (
+    load_for_training,
+    load_tokenizer,
+    local_model,
+    model_folders,
+    save_model,
+)
 from consolidation.report import LOSS_PNG, REPORT_FILE, StageRecord, plot_losses, write_report
 from consolidation.training.distributed import (
     barrier,
@@ -35,6 +41,7 @@ from consolidation.training.trainer import build_optimizer, losses, run_stage
 from consolidation.workdir import prepare_work_dir
 from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.errors import CpiError, DataError
+from cpi_merge.io.lora import LoraCache, is_lora
 from cpi_merge.io.output_dir import staged_output
 from cpi_merge.provenance import package_version
 
@@ -85,6 +92,17 @@ def _header(cfg: ConsolidationConfig, total: int) -> dict:
     }
 
 
+def _lora_tasks_merged(plan: CorePlan, work: Path) -> LoraCache:
+    """Merge the plan's ``base+adapter`` tasks once (rank 0) before any rank reads them."""
+    cache = LoraCache(str(work / "lora-cache"))
+    if is_main_process():
+        for task in plan.tasks:
+            if is_lora(task.model):
+                cache.merged_folder(task.model, role=f"plan task {task.name!r}")
+    barrier()
+    return cache
+
+
 def _union(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per tensor, the sorted union of two sets of int32 positions."""
     out = dict(a)
@@ -122,11 +140,14 @@ def consolidate(
     plan = CorePlan.load(cfg.plan_path)
     check_data_keys(cfg, plan)
     groups = stage_groups(cfg, plan)
-    work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=[cfg.model])
+    inputs = model_folders(cfg.model)
+    work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=inputs)
+    local = local_model(cfg.model, work)
+    lora = _lora_tasks_merged(plan, work)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(local.tokenizer)
     datasets = task_datasets(cfg, tokenizer)
-    model, dtype = load_for_training(cfg.model)
+    model, dtype = load_for_training(local.weights)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     check_plan_matches_model(plan, shapes, {n for n, _ in model.named_buffers()})
     total = sum(p.numel() for p in model.parameters())
@@ -147,7 +168,8 @@ def consolidate(
             optimizer = build_optimizer(model, cfg.training)
         if cfg.freeze != "none":  # each group's cores are streamed once, when first needed
             for group_done in groups[frozen_groups : index - 1]:
-                frozen = _union(frozen, core_positions(plan, group_done, progress=progress))
+                found = core_positions(plan, group_done, progress=progress, lora=lora)
+                frozen = _union(frozen, found)
             frozen_groups = max(frozen_groups, index - 1)
         freezer = ExactFreezer(model, {n: p for n, p in frozen.items() if n in shapes})
         freezer.attach(optimizer)
@@ -192,7 +214,7 @@ def consolidate(
         barrier()
 
     if is_main_process():
-        with staged_output(out_dir, force=force, inputs=[cfg.model]) as tmp:
+        with staged_output(out_dir, force=force, inputs=inputs) as tmp:
             save_model(model, tokenizer, tmp, dtype)
             if cfg.save_stages:
                 shutil.move(str(work / "stages"), str(tmp / "stages"))

@@ -31,8 +31,9 @@ from cpi_merge.fusion.recipe_for_mergekit import (
     recipe_boundaries,
     resolved_recipe,
 )
+from cpi_merge.io.lora import lora_cache
 from cpi_merge.io.manifest import Manifest
-from cpi_merge.io.opened import OpenedModels, open_models
+from cpi_merge.io.opened import OpenedModels, open_models, recipe_folders
 from cpi_merge.io.output_dir import check_output_location, staged_output
 from cpi_merge.io.vocabulary import check_output_vocabulary
 from cpi_merge.report.model_card import cpi_card_section
@@ -108,58 +109,77 @@ def merge(
         CpiError: Bad recipe, checkpoints or output location, before any merging.
 
     """
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    from cpi_merge.fusion.method import register_cpi_method
+    from mergekit.merge import MergeOptions
 
     options = options or MergeOptions()
     settings = AnalysisOptions(**{"progress": not options.quiet, **analysis_options})
     manifest = manifest or Manifest(enabled=checksums)
     if not isinstance(recipe, CpiRecipe):
         recipe = load_recipe(recipe)
-    opened = open_models(recipe, allow_pickle=allow_pickle)
-    check_output_location(out_dir, force=force, inputs=opened.local_folders)
+    check_output_location(out_dir, force=force, inputs=recipe_folders(recipe))
+    cache, dtype = options.lora_merge_cache, options.lora_merge_dtype
+    with lora_cache(_references(recipe), cache, dtype, beside=out_dir) as lora:
+        if lora is not None:  # mergekit merges each adapter into the same cache: once
+            options = options.model_copy(update={"lora_merge_cache": lora.folder})
+        opened = open_models(recipe, allow_pickle=allow_pickle, lora=lora)
+        try:
+            plan = _merge_opened(opened, out_dir, options, settings, manifest, force=force)
+        finally:
+            manifest.cancel()
+    return MergeResult(Path(out_dir), plan)
+
+
+def _references(recipe: CpiRecipe) -> list[str]:
+    return [recipe.base_model] + [m.model for m in recipe.models]
+
+
+def _merge_opened(
+    opened: OpenedModels, out_dir, options, settings, manifest: Manifest, *, force: bool
+) -> CorePlan:
+    """The analysis (unless the recipe gives every core) and mergekit's merge, into out_dir."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    from cpi_merge.fusion.method import register_cpi_method
+
+    recipe = opened.recipe
     given = recipe_boundaries(recipe)
     if opened.vocabulary is not None:
         check_output_vocabulary(
             MergeConfiguration.model_validate(mergekit_recipe(recipe)), opened.vocabulary
         )
     method = register_cpi_method()
-    inputs = [(role, c.reference, c.path) for role, c in opened.roles()]
-    manifest.hash_inputs(path for _, _, path in inputs)
-    try:
-        cores = None
-        if given is None:
-            analysis = run_analysis(opened, settings, keep_cores=True)
-            plan, cores = analysis.plan, analysis.cores
-        else:
-            plan = plan_from_boundaries(opened, given)
-        resolved = resolved_recipe(recipe, plan, _stored_dtype(opened))
-        config_source = yaml.safe_dump(resolved, sort_keys=False)
-        config = MergeConfiguration.model_validate(resolved)
-        options = _without_missing_tokenizer(options, opened.base.path)
-        with staged_output(out_dir, force=force, inputs=opened.local_folders) as tmp:
-            write_plan_files(plan, tmp, plots=False)  # cpi_plan.json, before the hashes
-            with method.configured(cores):
-                run_merge(config, str(tmp), options=options, config_source=config_source)
-            del cores
-            _check_tokenizer(opened.base.path, tmp, options.copy_tokenizer)
-            # The pictures are pure Python: drawn beside the merge they slowed it down by
-            # holding the GIL; here they overlap with hashing the output, which does not.
-            manifest.hash_output(tmp)
-            write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
-            card = tmp / "README.md"
-            if options.write_model_card and card.exists():
-                # mergekit titles the card with the folder it wrote to: the temporary one.
-                text = card.read_text(encoding="utf-8").replace(
-                    f"# {tmp.name}\n", f"# {Path(out_dir).resolve().name}\n", 1
-                )
-                card.write_text(text + cpi_card_section(plan, recipe), encoding="utf-8")
-            manifest.write(tmp, inputs, created_by=plan.created_by, mergekit=version("mergekit"))
-    finally:
-        manifest.cancel()
-    return MergeResult(Path(out_dir), plan)
+    inputs = opened.sources()
+    manifest.hash_inputs(folder for _, _, folder in inputs)
+    cores = None
+    if given is None:
+        analysis = run_analysis(opened, settings, keep_cores=True)
+        plan, cores = analysis.plan, analysis.cores
+    else:
+        plan = plan_from_boundaries(opened, given)
+    resolved = resolved_recipe(recipe, plan, _stored_dtype(opened))
+    config_source = yaml.safe_dump(resolved, sort_keys=False)
+    config = MergeConfiguration.model_validate(resolved)
+    options = _without_missing_tokenizer(options, opened.base.path)
+    with staged_output(out_dir, force=force, inputs=opened.local_folders) as tmp:
+        write_plan_files(plan, tmp, plots=False)  # cpi_plan.json, before the hashes
+        with method.configured(cores):
+            run_merge(config, str(tmp), options=options, config_source=config_source)
+        del cores
+        _check_tokenizer(opened.base.path, tmp, options.copy_tokenizer)
+        # The pictures are pure Python: drawn beside the merge they slowed it down by
+        # holding the GIL; here they overlap with hashing the output, which does not.
+        manifest.hash_output(tmp)
+        write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
+        card = tmp / "README.md"
+        if options.write_model_card and card.exists():
+            # mergekit titles the card with the folder it wrote to: the temporary one.
+            text = card.read_text(encoding="utf-8").replace(
+                f"# {tmp.name}\n", f"# {Path(out_dir).resolve().name}\n", 1
+            )
+            card.write_text(text + cpi_card_section(plan, recipe), encoding="utf-8")
+        manifest.write(tmp, inputs, created_by=plan.created_by, mergekit=version("mergekit"))
+    return plan
 
 
 def analyze(
@@ -169,6 +189,8 @@ def analyze(
     force: bool = False,
     allow_pickle: bool = False,
     plots: bool = True,
+    lora_merge_cache: str | None = None,
+    lora_merge_dtype: str | None = None,
     **options: Any,
 ) -> CorePlan:
     """Find every task's exact core region, the overlaps, groups and stage order.
@@ -180,6 +202,9 @@ def analyze(
         force: Replace a non-empty ``out_dir``.
         allow_pickle: Accept pickle checkpoints (unsafe).
         plots: Also write the pictures.
+        lora_merge_cache: Where ``base+adapter`` references are merged (kept); default: a
+            temporary folder beside ``out_dir``, removed at the end.
+        lora_merge_dtype: The dtype adapters are merged in (mergekit's option).
         **options: Fields of :class:`AnalysisOptions` (``seed``, ``order``,
             ``strategy``, ``memory_budget``, ``progress``, ``chunk_entries``).
 
@@ -194,10 +219,12 @@ def analyze(
     settings = AnalysisOptions(**options)
     if not isinstance(recipe, CpiRecipe):
         recipe = load_recipe(recipe)
-    opened = open_models(recipe, allow_pickle=allow_pickle)
     if out_dir is not None:
-        check_output_location(out_dir, force=force, inputs=opened.local_folders)
-    plan = run_analysis(opened, settings).plan
+        check_output_location(out_dir, force=force, inputs=recipe_folders(recipe))
+    refs = _references(recipe)
+    with lora_cache(refs, lora_merge_cache, lora_merge_dtype, beside=out_dir) as lora:
+        opened = open_models(recipe, allow_pickle=allow_pickle, lora=lora)
+        plan = run_analysis(opened, settings).plan
     if out_dir is not None:
         write_plan_folder(plan, out_dir, force=force, plots=plots, inputs=opened.local_folders)
     return plan

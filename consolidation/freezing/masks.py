@@ -20,6 +20,7 @@ from cpi_merge.config.recipe import torch_dtype
 from cpi_merge.errors import CheckpointError
 from cpi_merge.io.checkpoints import open_checkpoint
 from cpi_merge.io.compatibility import check_compatible
+from cpi_merge.io.lora import LoraCache
 from cpi_merge.io.vocabulary import align_vocabularies
 
 
@@ -62,7 +63,11 @@ def check_plan_matches_model(
 
 
 def core_positions(
-    plan: CorePlan, tasks: Sequence[str], *, progress: bool = False
+    plan: CorePlan,
+    tasks: Sequence[str],
+    *,
+    progress: bool = False,
+    lora: LoraCache | None = None,
 ) -> dict[str, torch.Tensor]:
     """Union of the cores of ``tasks``, per tensor, as sorted int32 flat positions.
 
@@ -70,6 +75,7 @@ def core_positions(
         plan: The analysis plan (thresholds and θ0 / θi references).
         tasks: Names of the tasks whose cores to collect.
         progress: Show a progress bar.
+        lora: Where ``base+adapter`` task references are merged.
 
     Returns:
         Tensor name → positions (only tensors with at least one position).
@@ -84,7 +90,9 @@ def core_positions(
     if missing:
         raise CheckpointError(f"tasks {missing} are not in the plan (it has {list(known)})")
     base = open_checkpoint(plan.base_model, role="the plan's base_model")
-    models = [open_checkpoint(plan.task(t).model, role=f"plan task {t!r}") for t in tasks]
+    models = [
+        open_checkpoint(plan.task(t).model, role=f"plan task {t!r}", lora=lora) for t in tasks
+    ]
     roles = [(f"plan task {t!r}", m) for t, m in zip(tasks, models, strict=True)]
     vocabulary = None
     if plan.vocabulary_rows is not None:

@@ -19,11 +19,19 @@ from cpi_merge.cli.common import analysis_options, report_errors, setup_logging
     help="Folder for cpi_plan.json and the pictures (must be new or empty).",
 )
 @analysis_options
+@click.option(
+    "--lora-merge-cache",
+    type=click.Path(file_okay=False),
+    help="Keep merged LoRA adapters (base+adapter references) here; default: a temporary "
+    "folder beside OUT, removed at the end.",
+)
 @click.option("--no-plots", is_flag=True, help="Skip the pictures.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @report_errors
-def main(recipe, out_dir, analysis, force, allow_pickle, no_plots, quiet, verbose):
+def main(
+    recipe, out_dir, analysis, force, allow_pickle, lora_merge_cache, no_plots, quiet, verbose
+):
     """Analyse RECIPE (a `merge_method: cpi` mergekit recipe) and write OUT/cpi_plan.json.
 
     Reads every checkpoint tensor by tensor through mergekit's loader, finds each task's
@@ -40,6 +48,7 @@ def main(recipe, out_dir, analysis, force, allow_pickle, no_plots, quiet, verbos
         force=force,
         allow_pickle=allow_pickle,
         plots=not no_plots,
+        lora_merge_cache=lora_merge_cache,
         progress=not quiet,
         **analysis,
     )

@@ -18,6 +18,7 @@ import torch
 
 from cpi_merge.errors import CheckpointError
 from cpi_merge.io.layout import folder_layout, pickle_header, safetensors_header
+from cpi_merge.io.lora import LoraCache, is_lora, resolved_lora_reference
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -100,6 +101,8 @@ def resolved_reference(reference: str) -> str:
     A plan read from another directory then still finds its models, and mergekit's model
     card never mistakes a relative ``dir/name`` for a Hub id (it would query the Hub).
     """
+    if is_lora(reference):
+        return resolved_lora_reference(reference)
     return os.path.abspath(reference) if os.path.isdir(reference) else reference
 
 
@@ -114,14 +117,9 @@ def resolve_local_path(reference: str, *, role: str) -> str:
         The local folder.
 
     Raises:
-        CheckpointError: The reference is a LoRA, does not exist, or cannot be fetched.
+        CheckpointError: The reference does not exist, or cannot be fetched.
 
     """
-    if "+" in reference:
-        raise CheckpointError(
-            f"{role} {reference!r}: LoRA references (model+adapter) are not supported; "
-            "merge the adapter into a full checkpoint first (e.g. peft merge_and_unload)"
-        )
     if os.path.isdir(reference):
         return reference
     if os.path.exists(reference):
@@ -141,13 +139,16 @@ def resolve_local_path(reference: str, *, role: str) -> str:
         ) from None
 
 
-def open_checkpoint(reference: str, *, role: str, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(
+    reference: str, *, role: str, allow_pickle: bool = False, lora: LoraCache | None = None
+) -> Checkpoint:
     """Resolve a reference and check its layout and every shard header.
 
     Args:
         reference: A local folder or Hub id, as written in the recipe.
         role: What the model is in the recipe, for error messages.
         allow_pickle: Accept ``pytorch_model.bin`` checkpoints (unsafe: pickle).
+        lora: Where to merge a ``base+adapter`` reference (required for one).
 
     Returns:
         The opened :class:`Checkpoint` (no tensor data read yet).
@@ -156,7 +157,12 @@ def open_checkpoint(reference: str, *, role: str, allow_pickle: bool = False) ->
         CheckpointError: Naming the folder, file and tensor at fault.
 
     """
-    folder = resolve_local_path(reference, role=role)
+    if is_lora(reference):
+        if lora is None:
+            raise CheckpointError(f"{role} {reference!r}: a LoRA reference needs a merge cache")
+        folder = lora.merged_folder(reference, role=role, allow_pickle=allow_pickle)
+    else:
+        folder = resolve_local_path(reference, role=role)
     is_st, shards, single = folder_layout(folder, allow_pickle)
     header = safetensors_header if is_st else pickle_header
     tensors: dict[str, TensorInfo] = {}

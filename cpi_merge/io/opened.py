@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from cpi_merge.config.recipe import CpiRecipe
 from cpi_merge.errors import CheckpointError
 from cpi_merge.io.checkpoints import Checkpoint, TensorInfo, open_checkpoint
 from cpi_merge.io.compatibility import check_compatible
+from cpi_merge.io.lora import LoraCache, is_lora
 from cpi_merge.io.vocabulary import VocabularyAlignment, align_vocabularies
 
 
@@ -37,8 +39,8 @@ class OpenedModels:
 
     @property
     def local_folders(self) -> list[str]:
-        """Every input folder."""
-        return [self.base.path] + [c.path for c in self.models]
+        """Every local folder the recipe reads (a LoRA's base and adapter folders)."""
+        return recipe_folders(self.recipe)
 
     def roles(self) -> list[tuple[str, Checkpoint]]:
         """``(role in the recipe, checkpoint)`` for the base and every model."""
@@ -46,18 +48,40 @@ class OpenedModels:
             (f"models[{i}]", c) for i, c in enumerate(self.models)
         ]
 
+    def sources(self) -> list[tuple[str, str, str]]:
+        """``(role, reference, folder)`` of every input as written (for the manifest).
+
+        A LoRA input is recorded by its adapter folder (its base is an input of its own or
+        a Hub model); the merged weights are a temporary product.
+        """
+        rows = []
+        for role, ckpt in self.roles():
+            folder = ckpt.reference.split("+")[-1] if is_lora(ckpt.reference) else ckpt.path
+            rows.append((role, ckpt.reference, folder))
+        return rows
+
     def close(self) -> None:
         """Release every mapped shard (the loaders reopen on the next read)."""
         for ckpt in [self.base, *self.models]:
             ckpt.close()
 
 
-def open_models(recipe: CpiRecipe, *, allow_pickle: bool = False) -> OpenedModels:
+def recipe_folders(recipe: CpiRecipe) -> list[str]:
+    """The local folders a recipe reads (base, models; both parts of a LoRA reference)."""
+    refs = [recipe.base_model] + [m.model for m in recipe.models]
+    parts = [p for ref in refs for p in ref.split("+")]
+    return [p for p in parts if os.path.isdir(p)]
+
+
+def open_models(
+    recipe: CpiRecipe, *, allow_pickle: bool = False, lora: LoraCache | None = None
+) -> OpenedModels:
     """Open the base and every model, and check they store the same float tensors.
 
     Args:
         recipe: The validated recipe.
         allow_pickle: Accept pickle (``.bin``) checkpoints.
+        lora: Where ``base+adapter`` references are merged (required if there are any).
 
     Returns:
         The opened models.
@@ -72,7 +96,7 @@ def open_models(recipe: CpiRecipe, *, allow_pickle: bool = False) -> OpenedModel
     refs = [recipe.base_model] + [m.model for m in recipe.models]
     for role, ref in zip(roles, refs, strict=True):
         try:
-            opened.append(open_checkpoint(ref, role=role, allow_pickle=allow_pickle))
+            opened.append(open_checkpoint(ref, role=role, allow_pickle=allow_pickle, lora=lora))
         except CheckpointError as exc:
             problems.append(str(exc))
             opened.append(None)
