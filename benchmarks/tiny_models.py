@@ -18,7 +18,7 @@ DEFAULT_ALPHABET = string.ascii_lowercase + string.digits + " :=+-|>,.?"
 
 def char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     """A fast character-level tokenizer (``PreTrainedTokenizerFast``) over ``alphabet``."""
-    from tokenizers import Tokenizer, decoders, models
+    from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
@@ -26,6 +26,10 @@ def char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
         vocab.setdefault(ch, len(vocab))
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
+    # Like Llama's tokenizer: text tokenized with special tokens starts with BOS.
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",

@@ -62,7 +62,15 @@ def save_model(model: torch.nn.Module, tokenizer, folder: str | Path, dtype: tor
     """Save weights (safetensors, in ``dtype``), config and tokenizer into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    # Cast each storage once, so tied weights stay one tensor and are saved once (as the
+    # input stored them: no lm_head.weight when tie_word_embeddings is true).
+    cast: dict[int, torch.Tensor] = {}
+    state = {}
+    for key, value in model.state_dict().items():
+        ptr = value.data_ptr()
+        if ptr not in cast:
+            cast[ptr] = value.detach().to(dtype)
+        state[key] = cast[ptr]
     model.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
     config_path = folder / "config.json"
     if config_path.exists():  # record the stored dtype, not the training one

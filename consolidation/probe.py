@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from consolidation.config import ProbeConfig, load_probe_config
-from consolidation.data import collator, task_datasets
+from consolidation.data.tasks import task_datasets
+from consolidation.data.tokenize import collator
 from consolidation.models import (
     load_for_training,
     load_tokenizer,

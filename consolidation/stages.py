@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from consolidation.config import ConsolidationConfig, load_consolidation_config
-from consolidation.data import collator, task_datasets
+from consolidation.data.tasks import task_datasets
+from consolidation.data.tokenize import collator
 from consolidation.freezing.freezer import ExactFreezer
 from consolidation.freezing.masks import check_plan_matches_model, core_positions
 from consolidation.models import (
@@ -218,7 +219,11 @@ def consolidate(
             save_model(model, tokenizer, tmp, dtype)
             if cfg.save_stages:
                 shutil.move(str(work / "stages"), str(tmp / "stages"))
-            write_report(tmp / REPORT_FILE, _header(cfg, total), records)
+            header = {
+                **_header(cfg, total),
+                "truncated_examples": {t: d.truncated for t, d in datasets.items()},
+            }
+            write_report(tmp / REPORT_FILE, header, records)
             plot_losses(tmp / LOSS_PNG, records, f"CPI-FT consolidation ({cfg.freeze})")
         shutil.rmtree(work, ignore_errors=True)
     barrier()

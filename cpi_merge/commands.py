@@ -36,7 +36,7 @@ from cpi_merge.io.manifest import Manifest
 from cpi_merge.io.opened import OpenedModels, open_models, recipe_folders
 from cpi_merge.io.output_dir import check_output_location, staged_output
 from cpi_merge.io.vocabulary import check_output_vocabulary
-from cpi_merge.report.model_card import cpi_card_section
+from cpi_merge.report.model_card import finish_card
 from cpi_merge.report.plan_files import write_plan_files, write_plan_folder, write_plan_pictures
 
 LOG = logging.getLogger(__name__)
@@ -173,11 +173,11 @@ def _merge_opened(
         write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
         card = tmp / "README.md"
         if options.write_model_card and card.exists():
-            # mergekit titles the card with the folder it wrote to: the temporary one.
-            text = card.read_text(encoding="utf-8").replace(
-                f"# {tmp.name}\n", f"# {Path(out_dir).resolve().name}\n", 1
+            text = card.read_text(encoding="utf-8")
+            card.write_text(
+                finish_card(text, tmp.name, Path(out_dir).resolve().name, plan, recipe),
+                encoding="utf-8",
             )
-            card.write_text(text + cpi_card_section(plan, recipe), encoding="utf-8")
         manifest.write(tmp, inputs, created_by=plan.created_by, mergekit=version("mergekit"))
     return plan
 

@@ -11,12 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from consolidation.data import DataError
 from consolidation.freezing.freezer import as_bits
 from consolidation.stages import consolidate
 from consolidation.workdir import work_dir_for
 from cpi_merge.analysis.plan import CorePlan
-from cpi_merge.errors import CpiError, OutputError, ResumeError
+from cpi_merge.errors import CpiError, DataError, OutputError, ResumeError
 
 from helpers.consolidation_world import build_world, consolidation_config, write_jsonl
 

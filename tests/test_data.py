@@ -7,15 +7,10 @@ import json
 import pytest
 
 from benchmarks.tiny_models import char_tokenizer
-from consolidation.data import (
-    IGNORE_INDEX,
-    DataError,
-    balanced_sample,
-    build_dataset,
-    pad_collate,
-    read_jsonl,
-    tokenize,
-)
+from consolidation.data.examples import read_jsonl
+from consolidation.data.tasks import balanced_sample
+from consolidation.data.tokenize import IGNORE_INDEX, build_dataset, pad_collate, tokenize
+from cpi_merge.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +38,51 @@ def test_prompt_completion_labels_only_on_completion(tok, tmp_path):
     assert len(row["input_ids"]) == len(row["labels"])
 
 
-def test_messages_use_the_chat_template(tok, tmp_path):
-    line = json.dumps(
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    )
-    (ex,) = read_jsonl(write(tmp_path, [line]))
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "yo"}],
+        },
+    ],
+)
+def test_conversations_use_the_chat_template(tok, tmp_path, record):
+    """As TRL does: the template renders the turn, its end-of-turn markup included."""
+    (ex,) = read_jsonl(write(tmp_path, [json.dumps(record)]))
     row = tokenize(ex, tok, 64)
-    assert tok.decode(row["input_ids"]) == "u:hi|a:yo</s>"
-    assert tok.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "yo</s>"
+    assert tok.decode(row["input_ids"]) == "u:hi|a:yo|"
+    assert tok.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "yo|"
 
 
-def test_truncation_keeps_the_completion(tok, tmp_path):
-    (ex,) = read_jsonl(write(tmp_path, ['{"prompt": "' + "a" * 50 + '", "completion": "xyz"}']))
-    row = tokenize(ex, tok, 10)
-    assert len(row["input_ids"]) == 10
+def test_text_is_trained_on_every_token(tok, tmp_path):
+    (ex,) = read_jsonl(write(tmp_path, ['{"text": "abc"}']))
+    row = tokenize(ex, tok, 64)
+    assert tok.decode(row["input_ids"]) == "<s>abc</s>" and row["labels"] == row["input_ids"]
+
+
+def test_prompts_get_the_tokenizers_own_special_tokens(tmp_path):
+    """No BOS forced: a tokenizer that adds none (SmolLM2's) gets none, as in TRL."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE({"<s>": 0, "</s>": 1, "a": 2, "b": 3}, [])),
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    (ex,) = read_jsonl(write(tmp_path, ['{"prompt": "a", "completion": "b"}']))
+    assert tokenize(ex, plain, 64)["input_ids"] == [2, 3, 1]
+
+
+def test_truncation_keeps_the_completion_and_is_counted(tok, tmp_path):
+    long = '{"prompt": "' + "a" * 50 + '", "completion": "xyz"}'
+    examples = read_jsonl(write(tmp_path, [long, '{"prompt": "a", "completion": "b"}']))
+    row = tokenize(examples[0], tok, 10)
+    assert len(row["input_ids"]) == 10 and row["truncated"]
     assert tok.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "xyz</s>"
+    assert build_dataset(examples, tok, 10, what="t").truncated == 1
 
 
 @pytest.mark.parametrize(
@@ -68,12 +93,21 @@ def test_truncation_keeps_the_completion(tok, tmp_path):
         ('{"prompt": "a", "completion": ""}', "'completion' is empty"),
         ('{"messages": [{"role": "user", "content": "x"}]}', "last message must be the assistant"),
         ('{"messages": []}', "non-empty list"),
+        ('{"prompt": [], "completion": [{"role": "assistant", "content": "x"}]}', "non-empty"),
+        ('{"text": ""}', "'text' must be a non-empty string"),
         ("{oops", "not valid JSON"),
     ],
 )
 def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     path = write(tmp_path, ['{"prompt": "a", "completion": "b"}', "", line])
     with pytest.raises(DataError, match=f"d.jsonl:3: .*{message}"):
+        read_jsonl(path)
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    with pytest.raises(DataError, match="d.jsonl:2: not UTF-8"):
         read_jsonl(path)
 
 

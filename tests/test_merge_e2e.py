@@ -110,6 +110,9 @@ def test_fusion_base_flag_omega_and_non_task_model(tmp_path):
     )
     card = (out / "README.md").read_text()
     assert f"`{models[1].name}`" in card and "# out\n" in card
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert "base_model" not in header and "cpi-merge" in header["tags"]  # not `[]`
+    assert f"k = {plan.k:,}" in card and "exactly k" in card  # the counts, not "top 1%"
     resolved = (out / "mergekit_config.yml").read_text()
     assert "core_threshold" in resolved and "fusion_base: 1" in resolved
 

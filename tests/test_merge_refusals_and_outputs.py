@@ -173,3 +173,23 @@ def test_relative_local_paths_never_query_the_hub(tmp_path, monkeypatch):
         os.path.realpath(tmp_path / "fam" / f"task_{i}") for i in range(2)
     ]  # resolved, so the plan works from any directory
     assert str(tmp_path / "fam" / "base") in (tmp_path / "out" / "mergekit_config.yml").read_text()
+
+
+def test_ctrl_c_while_importing_prints_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if "merge_command" in name or (args[2:] and "merge_command" in (args[2] or ())):
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    import sys
+
+    monkeypatch.delitem(sys.modules, "cpi_merge.cli.merge_command", raising=False)
+    result = CliRunner().invoke(merge_cli, [str(tmp_path / "r.yml"), str(tmp_path / "out")])
+    assert result.exit_code == 130
+    assert result.output.count("\n") == 1 and "interrupted" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -129,7 +129,8 @@ def pretrained_base(cache: Path, setting: Setting, *, progress: bool = False) ->
 
     from benchmarks.tiny_models import char_tokenizer, tiny_llama
     from consolidation.config import TrainingConfig
-    from consolidation.data import build_dataset, pad_collate, read_jsonl
+    from consolidation.data.examples import read_jsonl
+    from consolidation.data.tokenize import build_dataset, pad_collate
     from consolidation.models import save_model
     from consolidation.training.trainer import build_optimizer, run_stage
 

@@ -42,8 +42,17 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+INTERRUPTED = (
+    "interrupted: stopped before the output was complete; nothing that looks finished was "
+    "written (an earlier output is untouched)"
+)
+
+
 def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a :class:`CpiError` as one clean message (no traceback) and exit with status 2."""
+    """Print a :class:`CpiError` as one clean message (no traceback) and exit with status 2.
+
+    Ctrl-C (at any moment, imports included) prints one line and exits with status 130.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -52,6 +61,9 @@ def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except CpiError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -78,7 +90,13 @@ def analysis_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
         click.option(
-            "--seed", default=0, show_default=True, help="Seed of the random stage order."
+            "--seed",
+            default=0,
+            show_default=True,
+            help="Seed of the random stage order (which group of tasks consolidation trains "
+            "first; recorded in the plan). Not mergekit's --random-seed, which seeds "
+            "mergekit's own random numbers (cpi's fusion draws none), and not the recipe's "
+            "tie_seed (the tie rule's hash).",
         ),
         click.option(
             "--order",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from cpi_merge.cli.common import report_errors
+
 
 def local_inputs(recipe: str | None) -> list[str]:
     """The local model folders of a recipe file, when it can be read cheaply (else none)."""
@@ -42,6 +44,7 @@ def local_inputs(recipe: str | None) -> list[str]:
 @click.option("--no-checksums", is_flag=True)
 @click.option("-h", "--help", "show_help", is_flag=True)
 @click.pass_context
+@report_errors
 def main(ctx: click.Context, recipe, out_path, no_checksums, show_help) -> None:
     """Start hashing RECIPE's inputs, then run the full ``cpi-merge`` command."""
     from cpi_merge.io.manifest import Manifest

@@ -1,6 +1,13 @@
-"""The CPI section appended to mergekit's model card (README.md of the output)."""
+"""mergekit's model card (README.md of the output), finished for a cpi merge.
+
+The title names the output folder (mergekit saw only the temporary one), the metadata
+header drops an empty ``base_model: []`` (local folders are not Hub ids) and gains the
+``cpi-merge`` tag, and a section lists every task's core, its ties and the groups.
+"""
 
 from __future__ import annotations
+
+import yaml
 
 from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.config.recipe import CpiRecipe
@@ -63,3 +70,24 @@ def cpi_card_section(plan: CorePlan, recipe: CpiRecipe) -> str:
     )
     lines.append("")
     return "\n".join(lines)
+
+
+def finish_card(text: str, written_as: str, name: str, plan: CorePlan, recipe: CpiRecipe) -> str:
+    """Mergekit's card with the right title, a clean metadata header and the CPI section.
+
+    Args:
+        text: The card mergekit wrote.
+        written_as: The folder name mergekit wrote into (the temporary one).
+        name: The output folder's name.
+        plan: The plan the merge used.
+        recipe: The recipe.
+    """
+    text = text.replace(f"# {written_as}\n", f"# {name}\n", 1)
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        header, body = text[4:].split("\n---\n", 1)
+        meta = yaml.safe_load(header) or {}
+        if not meta.get("base_model"):
+            meta.pop("base_model", None)
+        meta["tags"] = [*meta.get("tags", []), "cpi-merge"]
+        text = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
+    return text + cpi_card_section(plan, recipe)
