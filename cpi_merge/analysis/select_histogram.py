@@ -2,7 +2,7 @@
 
 A radix select on each entry's whole key (:mod:`cpi_merge.analysis.core_rule`): Δ's
 float32 bits, then |θ0|'s (reversed: smaller first), then the tie hash (reversed). Pass
-1 counts the upper 19 bits of Δ, which finds each core's *boundary bucket*: the entries
+1 counts the upper 16 bits of Δ, which finds each core's *boundary bucket*: the entries
 whose key starts like the core's last entry's. When the buckets' entries fit in
 ``memory_budget`` (the usual case), pass 2 keeps them and counts everything above them
 (core sizes per tensor, pairwise overlaps); the boundaries are then resolved in memory.
@@ -35,7 +35,7 @@ KEPT_BYTES = 4 + 4 + 8 + 8
 """Bytes per kept bucket entry: Δ, |θ0|, global index, which other tasks have it above."""
 MAX_TASKS = 63
 _WIDTHS = (31, 31, 53)  # key levels: Δ bits, reversed |θ0| bits, reversed hash
-_STEPS = ((0, 19), (0, 12), (1, 19), (1, 12), (2, 19), (2, 19), (2, 15))
+_STEPS = ((0, 16), (0, 15), (1, 16), (1, 15), (2, 18), (2, 18), (2, 17))
 
 
 @dataclass
@@ -118,11 +118,13 @@ def _narrow(chunks, buckets: list[_Bucket], keyed: _Keyed, labels, k, total) -> 
             if bucket.fixed or bucket.bits:
                 inside = _classify(chunk, i, bucket, keyed)[1]
                 key = _key(level, chunk, i, inside, keyed)
-            else:  # the first digit: every entry (Δ = 0 removed below)
+                shift = _WIDTHS[level] - bucket.bits - width
+                key = (key >> shift) & ((1 << width) - 1)
+            else:  # the first digit: every entry's top bits (Δ = 0 removed below)
                 key = chunk.deltas[i].view(torch.int32)
                 zeros[i] += key.numel() - int(torch.count_nonzero(key))
-            shift = _WIDTHS[level] - bucket.bits - width
-            hists[i] += torch.bincount((key >> shift) & ((1 << width) - 1), minlength=1 << width)
+                key = key >> (_WIDTHS[level] - width)
+            hists[i] += torch.bincount(key, minlength=1 << width)
     for i, (bucket, hist, step) in enumerate(zip(buckets, hists, steps, strict=True)):
         if step is None:
             continue
@@ -232,12 +234,12 @@ def _keep_and_resolve(chunks, buckets, keyed: _Keyed, n: int, exact_k: bool) -> 
             above, inside = _classify(chunk, i, bucket, keyed)
             above_masks.append(above)
             insides.append(inside)
-            c = int(above.sum())
+            c = int(torch.count_nonzero(above))
             counts[i, chunk.tensor_index] += c
             both_above[i, i] += c
         for i in range(n):
             for j in range(i + 1, n):
-                both = int((above_masks[i] & above_masks[j]).sum())
+                both = int(torch.count_nonzero(above_masks[i] & above_masks[j]))
                 both_above[i, j] += both
                 both_above[j, i] += both
         for i, inside in enumerate(insides):
