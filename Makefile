@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-real lint bench clean
+.PHONY: demo test test-real test-faults lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP) lint
 test-real: $(STAMP)
 	$(BIN)/python -m benchmarks.smollm2
 	$(BIN)/python -m pytest -q -m real
+
+# Fault injection: runs killed at named points, two runs into one output, full and
+# read-only disks (tmpfs: needs root, else skipped), damaged files.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,6 +19,7 @@ import yaml
 from consolidation.config import ProbeConfig, load_probe_config
 from consolidation.data.tasks import task_datasets
 from consolidation.data.tokenize import collator
+from consolidation.fingerprint import run_fingerprint
 from consolidation.models import (
     load_for_training,
     load_tokenizer,
@@ -26,9 +27,15 @@ from consolidation.models import (
     model_folders,
     save_model,
 )
-from consolidation.training.distributed import barrier, init_distributed, is_main_process
+from consolidation.training.distributed import (
+    barrier,
+    init_distributed,
+    is_main_process,
+    world_size,
+)
+from consolidation.training.integrity import SEAL, seal, seal_problems
 from consolidation.training.trainer import build_optimizer, losses, run_stage
-from consolidation.workdir import prepare_work_dir
+from consolidation.workdir import work_session
 from cpi_merge.config.recipe import DEFAULT_CORE_FRACTION, DEFAULT_TAU, METHOD_NAME
 from cpi_merge.io.checkpoints import resolved_reference
 from cpi_merge.io.output_dir import staged_output
@@ -69,7 +76,15 @@ def run_probes(
     cfg = config if isinstance(config, ProbeConfig) else load_probe_config(config)
     out_dir = Path(out_dir)
     inputs = model_folders(cfg.model)
-    work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=inputs)
+    fingerprint = run_fingerprint(cfg, world_size=world_size())
+    with work_session(
+        out_dir, force=force, resume=resume, inputs=inputs, fingerprint=fingerprint
+    ) as work:
+        return _probe(cfg, work, out_dir, inputs, force, resume, progress)
+
+
+def _probe(cfg, work, out_dir, inputs, force, resume, progress) -> dict[str, dict]:
+    """The probes, in a prepared work folder (see :func:`run_probes`)."""
     local = local_model(cfg.model, work)
     tokenizer = load_tokenizer(local.tokenizer)
     datasets = task_datasets(cfg, tokenizer)
@@ -77,7 +92,7 @@ def run_probes(
     results: dict[str, dict] = {}
     for index, (task, dataset) in enumerate(datasets.items()):
         done = work / task / "probe.json"
-        if done.exists():
+        if done.exists() and not seal_problems(work / task):
             results[task] = json.loads(done.read_text())
             continue
         model, dtype = load_for_training(local.weights)
@@ -104,14 +119,16 @@ def run_probes(
             save_model(model, tokenizer, work / task, dtype)
             shutil.rmtree(work / f"{task}.checkpoints", ignore_errors=True)
             done.write_text(json.dumps(results[task]))
+            seal(work / task)
         barrier()
         del model, trainer, start
 
     if is_main_process():
-        with staged_output(out_dir, force=force, inputs=inputs) as tmp:
+        with staged_output(out_dir, force=force, inputs=inputs, locked=True) as tmp:
             for task in datasets:
                 shutil.move(str(work / task), str(tmp / task))
                 (tmp / task / "probe.json").unlink()
+                (tmp / task / SEAL).unlink()
             final = out_dir.resolve()
             recipe = {
                 "merge_method": METHOD_NAME,

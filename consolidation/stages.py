@@ -11,6 +11,7 @@ computes the same masks from the same files; only rank 0 writes.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from consolidation.config import ConsolidationConfig, load_consolidation_config
 from consolidation.data.tasks import task_datasets
 from consolidation.data.tokenize import collator
+from consolidation.fingerprint import run_fingerprint
 from consolidation.freezing.freezer import ExactFreezer
 from consolidation.freezing.masks import check_plan_matches_model, core_positions
 from consolidation.models import (
@@ -37,16 +39,20 @@ from consolidation.training.distributed import (
     ranks_agree,
     world_size,
 )
+from consolidation.training.integrity import seal, seal_problems
 from consolidation.training.resume import load_for_resume, save_for_resume
 from consolidation.training.trainer import build_optimizer, losses, run_stage
-from consolidation.workdir import prepare_work_dir
+from consolidation.workdir import work_session
 from cpi_merge.analysis.plan import CorePlan
-from cpi_merge.errors import CpiError, DataError
+from cpi_merge.errors import CheckpointError, CpiError, DataError, OutputError
+from cpi_merge.faults import pause_point
 from cpi_merge.io.lora import LoraCache, is_lora
+from cpi_merge.io.manifest import MANIFEST_FILE, verify_output
 from cpi_merge.io.output_dir import staged_output
 from cpi_merge.provenance import package_version
 
 STAGE_DONE = "done"
+LOG = logging.getLogger(__name__)
 
 
 def stage_groups(cfg: ConsolidationConfig, plan: CorePlan) -> list[list[str]]:
@@ -142,10 +148,57 @@ def consolidate(
     check_data_keys(cfg, plan)
     groups = stage_groups(cfg, plan)
     inputs = model_folders(cfg.model)
-    work = prepare_work_dir(out_dir, force=force, resume=resume, inputs=inputs)
+    fingerprint = run_fingerprint(cfg, world_size=world_size(), plan=cfg.plan_path)
+    with work_session(
+        out_dir, force=force, resume=resume, inputs=inputs, fingerprint=fingerprint
+    ) as work:
+        return _consolidate(cfg, plan, groups, work, out_dir, inputs, force, resume, progress)
+
+
+def _finished_stage(folder: Path) -> dict | None:
+    """A stage's end state, if it is complete and intact (else it is trained again)."""
+    if not (folder / "record.json").exists():
+        return None
+    problems = seal_problems(folder)
+    if problems:
+        LOG.warning("training the stage again: its saved end state is damaged: %s", problems)
+        if is_main_process():
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return json.loads((folder / "record.json").read_text())
+
+
+def check_model_unchanged(folder: str) -> None:
+    """Refuse a merged model whose files changed since ``cpi-merge`` wrote them.
+
+    The plan's cores describe the model as merged; its ``cpi_manifest.json`` holds the
+    files' SHA-256. A folder without a manifest (not written by ``cpi-merge``, or with
+    ``--no-checksums``) cannot be checked; that is logged.
+
+    Raises:
+        CheckpointError: A file listed in the manifest is missing or differs.
+    """
+    if not (Path(folder) / MANIFEST_FILE).exists():
+        LOG.info("%s has no %s: not checked against its merge", folder, MANIFEST_FILE)
+        return
+    try:
+        _, differences = verify_output(folder, extras=False)
+    except OutputError:  # written with --no-checksums: nothing to compare
+        return
+    if differences:
+        raise CheckpointError(
+            f"{folder} changed since cpi-merge wrote it: "
+            + "; ".join(differences[:5])
+            + ". Its plan no longer describes it: merge again, or restore the files"
+        )
+
+
+def _consolidate(cfg, plan, groups, work, out_dir, inputs, force, resume, progress):
+    """The stages, in a prepared work folder (see :func:`consolidate`)."""
+    if is_main_process():
+        check_model_unchanged(cfg.model)
     local = local_model(cfg.model, work)
     lora = _lora_tasks_merged(plan, work)
-
     tokenizer = load_tokenizer(local.tokenizer)
     datasets = task_datasets(cfg, tokenizer)
     model, dtype = load_for_training(local.weights)
@@ -160,10 +213,11 @@ def consolidate(
     frozen_groups = 0
     for index, group in enumerate(groups, 1):
         stage_dir = work / f"stage-{index}"
-        if (stage_dir / STAGE_DONE / "record.json").exists():
+        finished = _finished_stage(stage_dir / STAGE_DONE)
+        barrier()
+        if finished is not None:
             load_for_resume(model, optimizer, stage_dir / STAGE_DONE)
-            record = json.loads((stage_dir / STAGE_DONE / "record.json").read_text())
-            records.append(StageRecord(**record))
+            records.append(StageRecord(**finished))
             continue
         if cfg.training.optimizer_state == "reset":
             optimizer = build_optimizer(model, cfg.training)
@@ -212,10 +266,12 @@ def consolidate(
                 save_model(model, tokenizer, work / "stages" / str(index), dtype)
             save_for_resume(model, optimizer, stage_dir / STAGE_DONE)
             (stage_dir / STAGE_DONE / "record.json").write_text(json.dumps(asdict(record)))
+            seal(stage_dir / STAGE_DONE)
         barrier()
+        pause_point("stage")
 
     if is_main_process():
-        with staged_output(out_dir, force=force, inputs=inputs) as tmp:
+        with staged_output(out_dir, force=force, inputs=inputs, locked=True) as tmp:
             save_model(model, tokenizer, tmp, dtype)
             if cfg.save_stages:
                 shutil.move(str(work / "stages"), str(tmp / "stages"))

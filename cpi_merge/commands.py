@@ -11,6 +11,7 @@ of every input and output file, written last). Output folders appear only when c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -24,8 +25,9 @@ import yaml
 from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.analysis.plan_build import plan_from_boundaries
 from cpi_merge.analysis.run import AnalysisOptions, run_analysis
-from cpi_merge.config.recipe import CpiRecipe, load_recipe
+from cpi_merge.config.recipe import CpiRecipe, load_recipe, torch_dtype
 from cpi_merge.errors import OutputError
+from cpi_merge.faults import pause_point
 from cpi_merge.fusion.recipe_for_mergekit import (
     mergekit_recipe,
     recipe_boundaries,
@@ -34,7 +36,7 @@ from cpi_merge.fusion.recipe_for_mergekit import (
 from cpi_merge.io.lora import lora_cache
 from cpi_merge.io.manifest import Manifest
 from cpi_merge.io.opened import OpenedModels, open_models, recipe_folders
-from cpi_merge.io.output_dir import check_output_location, staged_output
+from cpi_merge.io.output_dir import Reservation, check_output_location, reserved_output
 from cpi_merge.io.vocabulary import check_output_vocabulary
 from cpi_merge.report.model_card import finish_card
 from cpi_merge.report.plan_files import write_plan_files, write_plan_folder, write_plan_pictures
@@ -64,6 +66,33 @@ def _without_missing_tokenizer(options, base_path: str):
         LOG.warning("base model %s has no tokenizer files; none copied", base_path)
         return options.model_copy(update={"copy_tokenizer": False})
     return options
+
+
+def _drop_remote_code(folder: Path) -> None:
+    """Remove ``auto_map`` from the output's config: it points to code that is not copied."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.pop("auto_map", None) is not None:
+        LOG.warning(
+            "the base config's auto_map names remote code, which is not copied (and "
+            "trust_remote_code stays off): dropped from the output's config.json"
+        )
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def expected_output_bytes(opened: OpenedModels) -> int:
+    """About how many bytes the merged model takes (checked against the free space).
+
+    The fusion base's tensors, written in the output dtype, plus 1 MB for small files.
+    """
+    recipe = opened.recipe
+    fusion = opened.models[recipe.models.index(recipe.fusion_base)]
+    out_dtype = recipe.out_dtype or recipe.dtype
+    size = 1 << 20
+    for t in fusion.tensors.values():
+        itemsize = torch_dtype(out_dtype).itemsize if out_dtype and t.is_float else None
+        size += t.numel * (itemsize or t.dtype.itemsize)
+    return size
 
 
 def _check_tokenizer(base_path: str, out: Path, copy_tokenizer: bool) -> None:
@@ -116,14 +145,17 @@ def merge(
     manifest = manifest or Manifest(enabled=checksums)
     if not isinstance(recipe, CpiRecipe):
         recipe = load_recipe(recipe)
-    check_output_location(out_dir, force=force, inputs=recipe_folders(recipe))
     cache, dtype = options.lora_merge_cache, options.lora_merge_dtype
-    with lora_cache(_references(recipe), cache, dtype, beside=out_dir) as lora:
+    with (
+        reserved_output(out_dir, force=force, inputs=recipe_folders(recipe)) as out,
+        lora_cache(_references(recipe), cache, dtype, beside=out_dir) as lora,
+    ):
         if lora is not None:  # mergekit merges each adapter into the same cache: once
             options = options.model_copy(update={"lora_merge_cache": lora.folder})
         opened = open_models(recipe, allow_pickle=allow_pickle, lora=lora)
+        out.require(expected_output_bytes(opened))
         try:
-            plan = _merge_opened(opened, out_dir, options, settings, manifest, force=force)
+            plan = _merge_opened(opened, out, options, settings, manifest)
         finally:
             manifest.cancel()
     return MergeResult(Path(out_dir), plan)
@@ -134,9 +166,9 @@ def _references(recipe: CpiRecipe) -> list[str]:
 
 
 def _merge_opened(
-    opened: OpenedModels, out_dir, options, settings, manifest: Manifest, *, force: bool
+    opened: OpenedModels, out: Reservation, options, settings, manifest: Manifest
 ) -> CorePlan:
-    """The analysis (unless the recipe gives every core) and mergekit's merge, into out_dir."""
+    """The analysis (unless the recipe gives every core) and mergekit's merge, into ``out``."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
 
@@ -161,24 +193,27 @@ def _merge_opened(
     config_source = yaml.safe_dump(resolved, sort_keys=False)
     config = MergeConfiguration.model_validate(resolved)
     options = _without_missing_tokenizer(options, opened.base.path)
-    with staged_output(out_dir, force=force, inputs=opened.local_folders) as tmp:
-        write_plan_files(plan, tmp, plots=False)  # cpi_plan.json, before the hashes
-        with method.configured(cores):
-            run_merge(config, str(tmp), options=options, config_source=config_source)
-        del cores
-        _check_tokenizer(opened.base.path, tmp, options.copy_tokenizer)
-        # The pictures are pure Python: drawn beside the merge they slowed it down by
-        # holding the GIL; here they overlap with hashing the output, which does not.
-        manifest.hash_output(tmp)
-        write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
-        card = tmp / "README.md"
-        if options.write_model_card and card.exists():
-            text = card.read_text(encoding="utf-8")
-            card.write_text(
-                finish_card(text, tmp.name, Path(out_dir).resolve().name, plan, recipe),
-                encoding="utf-8",
-            )
-        manifest.write(tmp, inputs, created_by=plan.created_by, mergekit=version("mergekit"))
+    tmp = out.partial
+    write_plan_files(plan, tmp, plots=False)  # cpi_plan.json, before the hashes
+    with method.configured(cores):
+        run_merge(config, str(tmp), options=options, config_source=config_source)
+    del cores
+    _check_tokenizer(opened.base.path, tmp, options.copy_tokenizer)
+    _drop_remote_code(tmp)
+    # The pictures are pure Python: drawn beside the merge they slowed it down by
+    # holding the GIL; here they overlap with hashing the output, which does not.
+    manifest.hash_output(tmp)
+    write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
+    card = tmp / "README.md"
+    if options.write_model_card and card.exists():
+        text = card.read_text(encoding="utf-8")
+        card.write_text(
+            finish_card(text, tmp.name, out.out.name, plan, recipe),
+            encoding="utf-8",
+        )
+    manifest.write(tmp, inputs, created_by=plan.created_by, mergekit=version("mergekit"))
+    pause_point("write")  # everything written, not yet in place
+    out.commit()
     return plan
 
 

@@ -7,6 +7,14 @@ import pytest
 from benchmarks.synthetic import LlamaShape, TaskSpec, make_family
 
 
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Base, data, probes and their merge (tests/helpers/consolidation_world.py), made once."""
+    from helpers.consolidation_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
 @pytest.fixture
 def tiny_family(tmp_path):
     """A 3-task synthetic Llama family in bf16, sharded; tasks 0 and 1 overlap."""

@@ -149,3 +149,16 @@ def test_compatibility_lists_every_problem(tmp_path):
     assert "lacks 1 tensor(s) of the base: ['c.weight']" in text
     assert "tied vs untied" in text
     assert "'a.weight' has shape [4, 5], base has [4, 4]" in text
+
+
+def test_a_duplicate_tensor_name_in_a_header_is_named(tmp_path):
+    import struct
+
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    entry = '{"dtype": "F32", "shape": [2], "data_offsets": [%d, %d]}'
+    header = ('{"w": ' + entry % (0, 8) + ', "w": ' + entry % (8, 16) + "}").encode()
+    header += b" " * (-len(header) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(CheckpointError, match=r"\['w'\] more than once \(duplicate tensor name\)"):
+        open_checkpoint(str(folder), role="base_model")

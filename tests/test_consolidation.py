@@ -17,12 +17,7 @@ from consolidation.workdir import work_dir_for
 from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.errors import CpiError, DataError, OutputError, ResumeError
 
-from helpers.consolidation_world import build_world, consolidation_config, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("world"))
+from helpers.consolidation_world import consolidation_config, write_jsonl
 
 
 def union_of_cores(plan, tasks):

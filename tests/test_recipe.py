@@ -66,6 +66,8 @@ def test_all_problems_reported_together():
         (recipe(dtype="int8"), "dtype"),
         (recipe(slices=[]), "slices: unknown key"),
         (recipe(parameters={"fusion_base": 2}), "fusion_base is set per model"),
+        (recipe(parameters={"core_fraction": True}), "expected a number, got the boolean true"),
+        (recipe(models=[{"model": "t1", "parameters": {"task": False}}]), "boolean false"),
     ],
 )
 def test_bad_recipes(doc, message):

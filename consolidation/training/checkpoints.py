@@ -8,28 +8,29 @@ state, weights) are not all there.
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from consolidation.training.distributed import barrier, world_size
+from consolidation.training.integrity import SEAL, read_seal, seal, seal_problems
 from cpi_merge.errors import ResumeError
 
-COMPLETE_MARKER = ".cpi-complete"
+COMPLETE_MARKER = SEAL
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+LOG = logging.getLogger(__name__)
 
 
 class MarkComplete(TrainerCallback):
-    """Write a completion marker into each checkpoint once every rank has saved it."""
+    """Seal each checkpoint (sizes and hashes of its files) once every rank has saved it."""
 
     def on_save(self, args, state, control, **kwargs):
-        """Mark ``checkpoint-<step>`` complete (rank 0, after a barrier)."""
+        """Seal ``checkpoint-<step>`` (rank 0, after a barrier)."""
         barrier()
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (folder / COMPLETE_MARKER).write_text(json.dumps({"world_size": world_size()}))
+            seal(Path(args.output_dir) / f"checkpoint-{state.global_step}", world_size=world_size())
         barrier()
         return control
 
@@ -44,31 +45,50 @@ def _required_files(folder: Path, ranks: int) -> list[str]:
     return ["trainer_state.json", "optimizer.pt", "scheduler.pt", weights, *rng]
 
 
+def _problems(folder: Path) -> list[str]:
+    record = read_seal(folder) or {}
+    ranks = record.get("world_size")
+    if ranks is not None and ranks != world_size():
+        return [
+            f"{folder} was written by {ranks} process(es); this run has {world_size()} "
+            "(resume with the same number of processes)"
+        ]
+    missing = [f for f in _required_files(folder, ranks or 1) if not (folder / f).exists()]
+    if missing:
+        return [f"{folder} lacks {missing}"]
+    return seal_problems(folder)
+
+
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` with a completion marker, checked for completeness.
+    """The newest sealed ``checkpoint-N`` whose files all match their seal.
+
+    A damaged newer checkpoint is skipped, with a warning naming the file; the run then
+    resumes from the newest one that verifies.
 
     Raises:
-        ResumeError: The newest marked checkpoint lacks a file resume needs, or was
-            written by another number of processes.
+        ResumeError: Checkpoints are sealed but none verifies (every problem named).
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
     found = sorted(
-        (int(m.group(1)), p)
-        for p in output_dir.iterdir()
-        if (m := _CHECKPOINT.match(p.name)) and (p / COMPLETE_MARKER).exists()
+        ((int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name))),
+        reverse=True,
     )
-    if not found:
-        return None
-    folder = found[-1][1]
-    ranks = json.loads((folder / COMPLETE_MARKER).read_text())["world_size"]
-    if ranks != world_size():
-        raise ResumeError(
-            f"{folder} was written by {ranks} process(es); this run has {world_size()}. "
-            "Resume with the same number of processes"
-        )
-    missing = [f for f in _required_files(folder, ranks) if not (folder / f).exists()]
-    if missing:
-        raise ResumeError(f"{folder} is marked complete but lacks {missing}; refusing to resume")
-    return folder
+    damaged = []
+    for _, folder in found:
+        if read_seal(folder) is None:
+            continue  # never completed: a save that was interrupted
+        problems = _problems(folder)
+        if not problems:
+            if damaged:
+                LOG.warning(
+                    "resuming from %s: newer checkpoint(s) are damaged: %s",
+                    folder.name,
+                    "; ".join(damaged),
+                )
+            return folder
+        damaged += problems
+    if damaged:
+        raise ResumeError("no checkpoint to resume from verifies: " + "; ".join(damaged))
+    return None

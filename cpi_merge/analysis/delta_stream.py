@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from cpi_merge.analysis.selection import DeltaChunk
 from cpi_merge.errors import NonFiniteError
+from cpi_merge.faults import pause_point
 from cpi_merge.io.checkpoints import Checkpoint, TensorInfo
 from cpi_merge.io.vocabulary import VocabularyAlignment
 
@@ -206,6 +207,7 @@ class DeltaStream:
                         self._accumulate(info.name, b, deltas, base, tasks)
                     yield DeltaChunk(index, offset + start, tuple(deltas), b)
                     bar.update(m)
+                    pause_point("analysis")
                 del base, tasks
         finally:
             bar.close()

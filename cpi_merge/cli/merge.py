@@ -8,10 +8,14 @@ hashing the recipe's local folders in the background, and only then imports the 
 command (:mod:`cpi_merge.cli.merge_command`), which parses everything again with
 mergekit's options and receives the manifest. Early hashing is best effort: when the
 recipe is not the first argument, or cannot be read, the merge hashes its inputs itself.
+
+``cpi-merge verify OUT`` checks an output against its manifest (exit status 1 on any
+difference).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -34,6 +38,22 @@ def local_inputs(recipe: str | None) -> list[str]:
     return [r for r in refs if Path(r).is_dir()]
 
 
+def _verify(out: str | None) -> None:
+    """``cpi-merge verify OUT``: re-hash what cpi_manifest.json lists; exit 1 on a difference."""
+    from cpi_merge.errors import OutputError
+    from cpi_merge.io.manifest import verify_output
+
+    if not out:
+        raise OutputError("usage: cpi-merge verify OUT (a folder written by cpi-merge)")
+    checked, differences = verify_output(out)
+    if differences:
+        click.echo(f"{out}: {len(differences)} difference(s) from cpi_manifest.json:", err=True)
+        for line in differences:
+            click.echo(f"  - {line}", err=True)
+        sys.exit(1)
+    click.echo(f"{out}: all {checked} files match cpi_manifest.json")
+
+
 @click.command(
     "cpi-merge",
     add_help_option=False,
@@ -49,6 +69,9 @@ def main(ctx: click.Context, recipe, out_path, no_checksums, show_help) -> None:
     """Start hashing RECIPE's inputs, then run the full ``cpi-merge`` command."""
     from cpi_merge.io.manifest import Manifest
 
+    if recipe == "verify" and not show_help:
+        _verify(out_path)
+        return
     manifest = Manifest(enabled=not no_checksums)
     if not show_help:
         manifest.hash_inputs(local_inputs(recipe))

@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from cpi_merge.config.strict import load_yaml, validate
 from cpi_merge.config.task_names import derive_names, name_problems
@@ -40,9 +40,18 @@ DTYPES = ("bfloat16", "float16", "float32")
 TIE_HASH_LIMIT = 1 << 53
 """Tie hashes are below 2^53, so a recipe (float64 numbers) carries them exactly."""
 
-Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-UnitInterval = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-Switch = Literal[0, 1]
+
+def _not_bool(value: Any) -> Any:
+    """YAML's ``true`` is not a number: refuse it where one is expected (mergekit coerces)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+Number = BeforeValidator(_not_bool)
+Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False), Number]
+UnitInterval = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False), Number]
+Switch = Annotated[Literal[0, 1], Number]
 
 
 class _Strict(BaseModel):
@@ -54,11 +63,11 @@ class ModelParameters(_Strict):
 
     omega: UnitInterval | None = None
     """SLERP factor when this model is folded into the fused non-core entries."""
-    core_threshold: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    core_threshold: Annotated[float, Field(gt=0.0, allow_inf_nan=False), Number] | None = None
     """A known core threshold t_i; when every task has one, no analysis pass is needed."""
-    tie_base_abs: Annotated[float, Field(ge=0.0, allow_inf_nan=True)] | None = None
+    tie_base_abs: Annotated[float, Field(ge=0.0, allow_inf_nan=True), Number] | None = None
     """With core_threshold: the tie rule's |θ0| bound (absent: every entry at t_i is in)."""
-    tie_hash: Annotated[int, Field(ge=0, lt=TIE_HASH_LIMIT)] | None = None
+    tie_hash: Annotated[int, Field(ge=0, lt=TIE_HASH_LIMIT), Number] | None = None
     """With tie_base_abs: the tie rule's hash bound."""
     fusion_base: Switch | None = None
     """1 marks the fusion base θbase (default: the last model)."""
@@ -89,14 +98,16 @@ class GlobalParameters(_Strict):
     """Jaccard threshold: tasks whose cores overlap at least this much share a stage."""
     omega: UnitInterval = 0.5
     """Default SLERP factor for non-core entries."""
-    epsilon: Annotated[float, Field(ge=0.0, le=math.pi, allow_inf_nan=False)] = DEFAULT_EPSILON
+    epsilon: Annotated[float, Field(ge=0.0, le=math.pi, allow_inf_nan=False), Number] = (
+        DEFAULT_EPSILON
+    )
     """Angle (radians) under which two vectors count as colinear (linear interpolation)."""
     exact_k: Switch = 1
     """1: every core holds exactly k entries (the documented tie rule decides among the
     entries at the threshold); 0: every entry at the threshold is in the core."""
-    tie_seed: Annotated[int, Field(ge=0, lt=1 << 62)] = 0
+    tie_seed: Annotated[int, Field(ge=0, lt=1 << 62), Number] = 0
     """Seed of the tie rule's hash."""
-    base_vocab_rows: Annotated[int, Field(gt=0)] | None = None
+    base_vocab_rows: Annotated[int, Field(gt=0), Number] | None = None
     """Written by ``cpi-merge`` with a tokenizer option: the leading embedding rows that are
     the base's tokens (the only rows a core can hold)."""
 

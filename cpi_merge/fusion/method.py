@@ -42,6 +42,7 @@ from cpi_merge.analysis.core_rule import MAX_HASH, CoreBoundary
 from cpi_merge.analysis.known_cores import KnownCores
 from cpi_merge.config.recipe import DEFAULT_CORE_FRACTION, DEFAULT_EPSILON, DEFAULT_TAU, METHOD_NAME
 from cpi_merge.errors import CheckpointError, CpiError, RecipeError
+from cpi_merge.faults import pause_point
 from cpi_merge.fusion.kernel import fuse_tensor
 
 PAPER_URL = "https://arxiv.org/abs/2508.21741"
@@ -111,6 +112,7 @@ class CpiMethod(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
         """Fuse one tensor group."""
         name = group.metadata.name or "<tensor>"
+        pause_point("merge")
         entries = group.non_base
         theta0 = group.base.tensor
         if not theta0.is_floating_point():

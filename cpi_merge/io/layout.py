@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 
 import safetensors
@@ -73,7 +74,33 @@ def safetensors_header(path: str) -> Iterator[tuple[str, tuple[int, ...], torch.
     except CheckpointError:
         raise
     except Exception as exc:  # safetensors raises SafetensorError / OSError for bad files
+        duplicates = _duplicate_names(path)
+        if duplicates:
+            raise CheckpointError(
+                f"{path}: the header names tensor(s) {duplicates[:5]} more than once "
+                "(duplicate tensor name); the file is malformed"
+            ) from None
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _duplicate_names(path: str) -> list[str]:
+    """Tensor names that a safetensors header lists twice (safetensors reports a bad offset)."""
+    objects: list[list[str]] = []  # the keys of every JSON object; the header's comes last
+
+    def pairs(items):
+        objects.append([key for key, _ in items])
+        return dict(items)
+
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return []
+            json.loads(f.read(size), object_pairs_hook=pairs)
+    except (OSError, ValueError):
+        return []
+    counts = Counter(objects[-1] if objects else [])
+    return sorted(n for n, c in counts.items() if c > 1)
 
 
 def pickle_header(path: str) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:

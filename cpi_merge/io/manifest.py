@@ -193,3 +193,47 @@ class Manifest:
             self._inputs.clear()
         if self._output is not None:
             self._output.cancel()
+
+
+def verify_output(folder: str | os.PathLike, *, extras: bool = True) -> tuple[int, list[str]]:
+    """Hash a merge's output again and compare it with its ``cpi_manifest.json``.
+
+    Args:
+        folder: An output folder of ``cpi-merge``.
+        extras: Also report model files the manifest does not list.
+
+    Returns:
+        ``(files checked, differences)``: a missing, resized or changed file, or a model
+        file the manifest does not list; no differences means the folder is as written.
+
+    Raises:
+        OutputError: No readable manifest, or one written with ``--no-checksums``.
+    """
+    from cpi_merge.errors import OutputError
+
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{folder / MANIFEST_FILE}: no readable manifest ({exc})") from None
+    expected = record.get("outputs")
+    if not isinstance(expected, dict):
+        raise OutputError(
+            f"{folder / MANIFEST_FILE}: written with --no-checksums; nothing to verify against"
+        )
+    differences = []
+    for name, want in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            differences.append(f"{name}: missing")
+            continue
+        got = hash_file(path)
+        if got["bytes"] != want.get("bytes"):
+            differences.append(f"{name}: {got['bytes']:,} bytes, manifest says {want['bytes']:,}")
+        elif got["sha256"] != want.get("sha256"):
+            differences.append(f"{name}: contents differ from the manifest (SHA-256)")
+    listed = set(expected) | {MANIFEST_FILE}
+    for name, _, _ in _stamps(folder) if extras else []:
+        if name not in listed:
+            differences.append(f"{name}: not in the manifest (added after the merge?)")
+    return len(expected), differences
