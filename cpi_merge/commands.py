@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -36,10 +37,10 @@ from cpi_merge.fusion.recipe_for_mergekit import (
 from cpi_merge.io.lora import lora_cache
 from cpi_merge.io.manifest import Manifest
 from cpi_merge.io.opened import OpenedModels, open_models, recipe_folders
-from cpi_merge.io.output_dir import Reservation, check_output_location, reserved_output
+from cpi_merge.io.output_dir import Reservation, reserved_output
 from cpi_merge.io.vocabulary import check_output_vocabulary
 from cpi_merge.report.model_card import finish_card
-from cpi_merge.report.plan_files import write_plan_files, write_plan_folder, write_plan_pictures
+from cpi_merge.report.plan_files import write_plan_files, write_plan_pictures
 
 LOG = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
@@ -254,12 +255,16 @@ def analyze(
     settings = AnalysisOptions(**options)
     if not isinstance(recipe, CpiRecipe):
         recipe = load_recipe(recipe)
-    if out_dir is not None:
-        check_output_location(out_dir, force=force, inputs=recipe_folders(recipe))
     refs = _references(recipe)
-    with lora_cache(refs, lora_merge_cache, lora_merge_dtype, beside=out_dir) as lora:
-        opened = open_models(recipe, allow_pickle=allow_pickle, lora=lora)
-        plan = run_analysis(opened, settings).plan
-    if out_dir is not None:
-        write_plan_folder(plan, out_dir, force=force, plots=plots, inputs=opened.local_folders)
+    with (
+        reserved_output(out_dir, force=force, inputs=recipe_folders(recipe))
+        if out_dir is not None
+        else nullcontext()
+    ) as out:
+        with lora_cache(refs, lora_merge_cache, lora_merge_dtype, beside=out_dir) as lora:
+            opened = open_models(recipe, allow_pickle=allow_pickle, lora=lora)
+            plan = run_analysis(opened, settings).plan
+        if out is not None:
+            write_plan_files(plan, out.partial, plots=plots)
+            out.commit()
     return plan

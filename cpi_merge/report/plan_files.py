@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from cpi_merge.analysis.plan import PLAN_FILE, CorePlan
-from cpi_merge.io.output_dir import staged_output
 
 
 def write_plan_files(plan: CorePlan, folder: str | os.PathLike, *, plots: bool = True) -> list[str]:
@@ -33,22 +32,3 @@ def write_plan_pictures(plan: CorePlan, folder: str | os.PathLike) -> list[str]:
     from cpi_merge.report.plots import write_plots
 
     return [p.name for p in write_plots(plan, Path(folder))]
-
-
-def write_plan_folder(
-    plan: CorePlan,
-    out_dir: str | os.PathLike,
-    *,
-    force: bool = False,
-    plots: bool = True,
-    inputs: list[str] | None = None,
-) -> Path:
-    """Write the plan files into ``out_dir`` atomically (see :mod:`cpi_merge.io.output_dir`).
-
-    Returns:
-        The output folder.
-
-    """
-    with staged_output(out_dir, force=force, inputs=inputs or []) as tmp:
-        write_plan_files(plan, tmp, plots=plots)
-    return Path(out_dir)
