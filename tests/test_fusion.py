@@ -22,15 +22,8 @@ EPS = math.acos(0.9995)
 
 def check(theta0, models, thresholds, omegas, fb, dtype, name=""):
     before = [theta0.clone()] + [m.clone() for m in models]
-    got = fuse_tensor(
-        theta0,
-        models,
-        boundaries=thresholds,
-        omegas=omegas,
-        fusion_base=fb,
-        epsilon=EPS,
-        name=name,
-    )
+    kw = dict(boundaries=thresholds, omegas=omegas, fusion_base=fb, epsilon=EPS, name=name)
+    got = fuse_tensor(theta0, models, **kw)
     owner, ref = ref_fuse(theta0, models, thresholds, omegas, fb, EPS, name=name)
     assert got.dtype == models[fb].dtype and got.shape == theta0.shape
     assert torch.equal(
@@ -52,14 +45,7 @@ def check(theta0, models, thresholds, omegas, fb, dtype, name=""):
     assert torch.all(diff <= 4 * eps * (r.abs() + rms) + 1e-30), float(diff.max())
     assert torch.isfinite(got.float()).all()
     known = fuse_tensor(
-        theta0,
-        models,
-        boundaries=thresholds,
-        omegas=omegas,
-        fusion_base=fb,
-        epsilon=EPS,
-        name=name,
-        core_positions=core_positions(theta0, models, thresholds, name),
+        theta0, models, **kw, core_positions=core_positions(theta0, models, thresholds, name)
     )
     assert torch.equal(known, got)  # cores handed over by an analysis: the same result
     for a, b in zip(before, [theta0, *models]):  # inputs are borrowed, never modified
