@@ -30,10 +30,13 @@ def test_sharded_family_matches_brute_force(tmp_path, strategy, dtype):
     base, tasks = make_family(tmp_path, shape, specs, dtype=dtype, shard_bytes=3000)
     assert len(list(base.glob("*.safetensors"))) > 2
     recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.02)
-    plan = run(recipe, strategy=strategy, chunk_entries=100)
+    exact = strategy == "buffer"  # the curve comes from the first pass: either strategy
+    plan = run(recipe, strategy=strategy, chunk_entries=100, energy_curve=exact)
     ref = brute_force(load_folder(base), [load_folder(t) for t in tasks], 0.02)
     assert_plan_matches(plan, ref)
     assert plan.total_parameters == shape.num_parameters
+    for task in plan.tasks:
+        assert len(task.energy_curve) >= 4 and set(task.p_holding) == {"0.5", "0.9"}
 
 
 def _tensors(rng, dtype, names_shapes, scale=1.0):
@@ -91,7 +94,7 @@ def test_ties_at_the_threshold(tmp_path, strategy, exact_k):
     recipe = write_recipe(
         tmp_path / "r.yml", paths[0], paths[1:], core_fraction=0.05, exact_k=exact_k, tie_seed=7
     )
-    plan = run(recipe, strategy=strategy, chunk_entries=7)
+    plan = run(recipe, strategy=strategy, chunk_entries=7, energy_curve=True)
     ref = brute_force(base, tasks, 0.05, exact_k=bool(exact_k), seed=7)
     assert_plan_matches(plan, ref)
     for t in plan.tasks:  # the ties are really there and decide part of every core
@@ -156,14 +159,24 @@ def test_strategies_and_chunkings_agree_on_the_family(tiny_family, tmp_path):
     base, tasks = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.03, tau=0.05)
     plans = [run(recipe, strategy=s, chunk_entries=c) for s in STRATEGIES for c in (64, 1 << 22)]
-    # everything but the float norm statistic (summed in chunk order) is identical
+    # everything but the float sums (summed in chunk order) is identical, those are close
+    sums = {"relative_update_norm", "core_energy_share", "energy_curve"}
     dumps = {
         p.model_dump_json(
-            exclude={"strategy": True, "tasks": {"__all__": {"relative_update_norm"}}}
+            exclude={
+                "strategy": True,
+                "task_cosine": True,
+                "verdict": True,
+                "tasks": {"__all__": sums},
+            }
         )
         for p in plans
     }
     assert len(dumps) == 1
+    for p in plans[1:]:
+        assert np.allclose(p.task_cosine, plans[0].task_cosine, rtol=1e-5)
+        for a, b in zip(p.tasks, plans[0].tasks):
+            assert a.core_energy_share == pytest.approx(b.core_energy_share, rel=1e-5)
     assert plans[0].jaccard[0][1] > 0.05 and plans[0].jaccard[0][2] < 0.05
     assert sorted(plans[0].groups) == [["task_0", "task_1"], ["task_2"]]
 
@@ -195,7 +208,14 @@ def test_starting_cuts_never_change_the_result(tmp_path, monkeypatch, cuts):
             analysis, "estimate_cuts", lambda *a, **k: used.extend(real_estimate(*a, **k)) or used
         )
     plan = run(recipe, strategy="buffer", chunk_entries=100)
-    assert_plan_matches(plan, brute_force(load_folder(base), [load_folder(t) for t in tasks], 0.2))
+    ref = brute_force(load_folder(base), [load_folder(t) for t in tasks], 0.2)
+    assert_plan_matches(plan, ref)
     assert len(passes) == (2 if cuts == "too_high" else 1)
     if cuts == "partial_sample":
         assert len(used) == 2 and all(0 < c < t for c, t in zip(used, plan.thresholds.values()))
+        # the energy curves are then estimates from the sample, and say so
+        assert 0 < plan.energy_curve_sample < plan.total_parameters
+        for task, ranked in zip(plan.tasks, ref["sorted_energy"]):
+            for share_of_entries, share_of_energy in task.energy_curve:
+                exact = ranked[round(share_of_entries * plan.total_parameters) - 1]
+                assert abs(share_of_energy - exact) < 0.15

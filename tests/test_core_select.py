@@ -20,6 +20,11 @@ from cpi_merge.errors import DegenerateTaskError
 NAMES = [f"layer.{i}.weight" for i in range(10)]
 
 
+def signs_of(d):
+    """A fixed pattern of update signs for a Δ tensor (its entries' parity)."""
+    return torch.where(torch.arange(d.numel()) % 3 == 0, -1.0, 1.0)
+
+
 def memory_stream(tensors, chunk, bases=None):
     """tensors: list over tensors of list over tasks of 1-D float32 Δ; bases: θ0 per tensor."""
     bases = bases or [torch.ones_like(per_task[0]) for per_task in tensors]
@@ -29,11 +34,17 @@ def memory_stream(tensors, chunk, bases=None):
         for index, per_task in enumerate(tensors):
             n = per_task[0].numel()
             for start in range(0, n, chunk):
+                part = slice(start, start + chunk)
                 yield DeltaChunk(
                     index,
                     offset + start,
-                    tuple(d[start : start + chunk] for d in per_task),
-                    bases[index][start : start + chunk],
+                    tuple(d[part] for d in per_task),
+                    bases[index][part],
+                    # θi: only their signs against θ0 matter here (the signs pattern)
+                    tuple(
+                        (bases[index] + signs_of(d) * (1 + t % 2))[part]
+                        for t, d in enumerate(per_task)
+                    ),
                 )
             offset += n
 
@@ -53,9 +64,10 @@ def reference(tensors, bases, k, exact_k, seed):
     hashes = np.concatenate(
         [tie_hash(seed, NAMES[j], np.arange(n)) for j, n in enumerate(sizes)]
     ).astype(np.float64)
-    masks, boundaries, ties, taken = [], [], [], []
+    masks, boundaries, ties, taken, energy, negative = [], [], [], [], [], []
     for i in range(n_tasks):
         delta = torch.cat([t[i] for t in tensors]).numpy()
+        negative.append(torch.cat([signs_of(t[i]) * (1 + i % 2) < 0 for t in tensors]))
         order = np.lexsort((hashes, base_abs, -delta.astype(np.float64)))
         order = order[delta[order] > 0]
         if order.size < k:
@@ -72,9 +84,16 @@ def reference(tensors, bases, k, exact_k, seed):
         masks.append(torch.from_numpy(core))
         ties.append(int((delta == t).sum()))
         taken.append(int((core & (delta == t)).sum()))
+        energy.append(float((delta.astype(np.float64)[core] ** 2).sum()))
     counts = np.array([[int(p.sum()) for p in torch.split(m, sizes)] for m in masks])
     inter = np.array([[int((a & b).sum()) for b in masks] for a in masks])
-    return boundaries, counts, inter, masks, ties, taken
+    conflicts = np.array(
+        [
+            [int((a & b & (na != nb)).sum()) for b, nb in zip(masks, negative)]
+            for a, na in zip(masks, negative)
+        ]
+    )
+    return boundaries, counts, inter, masks, ties, taken, energy, conflicts
 
 
 def run(strategy, tensors, k, chunk, *, bases=None, exact_k=True, seed=0, budget=1 << 30):
@@ -106,8 +125,10 @@ def check(strategy, tensors, k, chunk, *, bases=None, exact_k=True, seed=0):
         with pytest.raises(DegenerateTaskError, match="differ from the base"):
             run(strategy, tensors, k, chunk, bases=bases, exact_k=exact_k, seed=seed)
         return
-    boundaries, counts, inter, masks, ties, taken = ref
+    boundaries, counts, inter, masks, ties, taken, energy, conflicts = ref
     got = run(strategy, tensors, k, chunk, bases=bases, exact_k=exact_k, seed=seed)
+    assert np.allclose(got.core_energy, energy, rtol=1e-6, atol=0)
+    assert np.array_equal(got.sign_conflicts, conflicts)
     for b, (t, a, h) in zip(got.boundaries, boundaries):
         assert float32_bits(b.threshold) == float32_bits(float(t))
         assert b.tie_base_abs == float(np.float32(a)) and b.tie_hash == h

@@ -25,13 +25,19 @@ def recipe(tiny_family, tmp_path):
 def test_plan_file_and_pictures(recipe, tmp_path):
     out = tmp_path / "out"
     plan = analyze(recipe, out, progress=False)
-    assert sorted(os.listdir(out)) == ["core_map.png", "cpi_plan.json", "jaccard.png"]
-    for png in ("core_map.png", "jaccard.png"):
+    pictures = ["core_map.png", "diagnostics.png", "jaccard.png"]
+    assert sorted(os.listdir(out)) == sorted(["cpi_plan.json", *pictures])
+    for png in pictures:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "cpi_plan.json").read_text())
     assert data["schema_version"] == 2
     for key in ("total_parameters", "core_fraction", "tau", "seed", "tasks", "jaccard", "groups"):
         assert key in data
+    for key in ("task_cosine", "sign_conflict_rate", "verdict"):  # the diagnostics
+        assert data[key] is not None
+    assert all(0 < t["core_energy_share"] <= 1 for t in data["tasks"])
+    assert data["energy_curve_sample"] is None  # a tiny model: the sample is every entry
+    assert all(len(t["energy_curve"]) >= 4 for t in data["tasks"])
     assert [t["model"] for t in data["tasks"]] == [
         os.path.abspath(m["model"])
         for m in __import__("yaml").safe_load(recipe.read_text())["models"]
@@ -89,13 +95,16 @@ def test_failure_leaves_no_output(recipe, tmp_path, monkeypatch):
 def test_cli_summary_and_files(recipe, tmp_path):
     out = tmp_path / "cli_out"
     result = CliRunner().invoke(
-        main, [str(recipe), "--out", str(out), "--order", "given", "--seed", "3"]
+        main,
+        [str(recipe), "--out", str(out), "--order", "given", "--seed", "3", "--energy-curve"],
     )
     assert result.exit_code == 0, result.output
     assert "threshold t_i" in result.output and "Jaccard similarity" in result.output
     assert "stage 1: task_0, task_1" in result.output
+    assert "energy in core" in result.output and "Merge-ability" in result.output
     data = json.loads((out / "cpi_plan.json").read_text())
     assert data["order"] == "given" and data["seed"] == 3
+    assert all(len(t["energy_curve"]) >= 4 for t in data["tasks"])
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

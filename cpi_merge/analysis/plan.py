@@ -60,6 +60,14 @@ class TaskCore(_Record):
     """How many of those the core holds (what the tie rule decided)."""
     relative_update_norm: float | None = None
     """‖θi − θ0‖ / ‖θ0‖ over the analysed tensors."""
+    core_energy_share: float | None = None
+    """Σ over the core of (θi − θ0)² / Σ over all analysed entries."""
+    energy_curve: list[tuple[float, float]] | None = None
+    """Points (share of entries, share of the update energy they hold), for the
+    largest-|Δ| entries, near 0.1% ... 50% of the entries (estimated from a sample unless
+    the plan's ``energy_curve_sample`` is None)."""
+    p_holding: dict[str, float] | None = None
+    """The smallest share of entries holding half ("0.5") and 90% ("0.9") of the energy."""
     per_tensor: dict[str, int] | None = None
     """Core entries per tensor name; None if not analysed."""
 
@@ -116,6 +124,15 @@ class CorePlan(_Record):
     jaccard: list[list[float]] | None = None
     groups: list[list[str]] | None = None
     """Task names per group, groups in stage order."""
+    task_cosine: list[list[float]] | None = None
+    """cos(θi − θ0, θj − θ0) for every pair of tasks."""
+    sign_conflict_rate: list[list[float | None]] | None = None
+    """Share of Ci ∩ Cj where the two updates have opposite signs (None: no overlap)."""
+    verdict: list[str] | None = None
+    """Can merging and isolation help here: short lines with their reasons."""
+    energy_curve_sample: int | None = None
+    """Entries per task the energy curves and ``p_holding`` were estimated from; None
+    when they are exact (``--energy-curve``, or a model no larger than the sample)."""
 
     @model_validator(mode="after")
     def _names_are_known(self) -> CorePlan:

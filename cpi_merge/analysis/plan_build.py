@@ -6,10 +6,12 @@ Or from thresholds given in the recipe (no pass over the data: no counts or grou
 from __future__ import annotations
 
 from cpi_merge.analysis.core_rule import CoreBoundary
+from cpi_merge.analysis.diagnostics import sign_conflict_rates, task_diagnostics, verdict
 from cpi_merge.analysis.grouping import StageOrder, group_tasks, jaccard_matrix, order_stages
 from cpi_merge.analysis.plan import CorePlan, TaskCore, TensorRecord, threshold_record
 from cpi_merge.analysis.selection import CoreSelection
 from cpi_merge.analysis.sizing import core_size
+from cpi_merge.analysis.update_stats import UpdateStats
 from cpi_merge.io.checkpoints import resolved_reference
 from cpi_merge.io.opened import OpenedModels
 from cpi_merge.provenance import package_version
@@ -51,16 +53,24 @@ def _boundary_fields(boundary: CoreBoundary) -> dict:
     return fields
 
 
+def _sample_size(stats: UpdateStats, samples: list | None, total: int) -> int | None:
+    if stats.energy is not None or not samples:
+        return None  # exact, or no curve
+    size = int(samples[0].numel())
+    return None if size >= total else size
+
+
 def build_plan(
     opened: OpenedModels,
     selection: CoreSelection,
     *,
     total: int,
     k: int,
-    relative_norms: list[float],
+    stats: UpdateStats,
     seed: int,
     order: StageOrder,
     strategy: str,
+    samples: list | None = None,
 ) -> CorePlan:
     """The plan of an exact selection: thresholds, counts, overlaps, groups, stage order.
 
@@ -69,16 +79,22 @@ def build_plan(
         selection: The exact selection, tasks in recipe order.
         total: D, entries analysed.
         k: Entries per core.
-        relative_norms: ‖θi − θ0‖ / ‖θ0‖ per task.
+        stats: The first pass's update statistics (norms, energy, cosines).
         seed: Seed of the random stage order.
         order: ``random`` or ``given``.
         strategy: The strategy that ran.
+        samples: Per task, the sample of |Δ| the energy curve is estimated from when
+            ``stats`` holds no exact curve (every entry when the model is that small).
     """
     names = [t.name for t in opened.tensors]
     tasks = opened.recipe.tasks
     labels = opened.task_names
     jaccard = jaccard_matrix(selection.intersections)
     groups = order_stages(group_tasks(jaccard, opened.recipe.parameters.tau), order, seed)
+    figures = task_diagnostics(stats, selection, total, samples)
+    cosine = stats.cosines()
+    conflicts = sign_conflict_rates(selection)
+    named_groups = [[labels[i] for i in g] for g in groups]
     cores = []
     for i, entry in enumerate(tasks):
         cores.append(
@@ -89,7 +105,10 @@ def build_plan(
                 core_count=int(selection.intersections[i][i]),
                 at_threshold=selection.at_threshold[i],
                 taken_at_threshold=selection.taken_at_threshold[i],
-                relative_update_norm=relative_norms[i],
+                relative_update_norm=figures[i].relative_update_norm,
+                core_energy_share=figures[i].core_energy_share,
+                energy_curve=figures[i].energy_curve,
+                p_holding=figures[i].p_holding,
                 per_tensor={n: int(c) for n, c in zip(names, selection.counts[i], strict=True)},
             )
         )
@@ -101,7 +120,18 @@ def build_plan(
         tasks=cores,
         intersections=selection.intersections.tolist(),
         jaccard=jaccard.tolist(),
-        groups=[[labels[i] for i in g] for g in groups],
+        groups=named_groups,
+        task_cosine=cosine,
+        sign_conflict_rate=conflicts,
+        energy_curve_sample=_sample_size(stats, samples, total),
+        verdict=verdict(
+            labels,
+            figures,
+            cosine,
+            conflicts,
+            named_groups,
+            opened.recipe.parameters.core_fraction,
+        ),
     )
 
 

@@ -46,6 +46,9 @@ class AnalysisOptions:
         memory_budget: Bytes the buffer strategy may use (default 40% of RAM).
         progress: Show progress bars.
         chunk_entries: Float32 scratch per buffer, in entries.
+        energy_curve: Also measure each task's exact energy curve and ``p_holding``
+            (a histogram per task on the first pass: slower, see
+            :mod:`cpi_merge.analysis.update_stats`).
     """
 
     seed: int = 0
@@ -54,6 +57,7 @@ class AnalysisOptions:
     memory_budget: int | None = None
     progress: bool = True
     chunk_entries: int = DEFAULT_CHUNK_ENTRIES
+    energy_curve: bool = False
 
     def __post_init__(self) -> None:
         if self.order not in ("random", "given"):
@@ -96,6 +100,7 @@ def run_analysis(
         chunk_entries=options.chunk_entries,
         progress=options.progress,
         vocabulary=opened.vocabulary,
+        energy_curve=options.energy_curve,
     )
     k = core_size(recipe.parameters.core_fraction, stream.total)
     labels = opened.task_names
@@ -110,10 +115,14 @@ def run_analysis(
         exact_k=bool(recipe.parameters.exact_k),
         seed=recipe.parameters.tie_seed,
     )
+    # A small sample of Δ (a fraction of a pass): the energy curves' estimate, and the
+    # buffer's starting cuts.
+    samples = None if options.energy_curve else stream.sample()
     if chosen == "buffer":
-        # Start each task's buffer at a cut guessed from a small sample, so that few
-        # entries below the final threshold are ever buffered; exact whatever the guess.
-        cuts = estimate_cuts(stream.sample(), k=k, total=stream.total)
+        # Start each task's buffer at a cut guessed from the sample, so that few entries
+        # below the final threshold are ever buffered; exact whatever the guess.
+        samples = samples if samples is not None else stream.sample()
+        cuts = estimate_cuts(samples, k=k, total=stream.total)
         try:
             selection = select_cores_buffer(stream("core regions"), cuts=cuts, **select)
         except CutTooHighError:
@@ -127,10 +136,11 @@ def run_analysis(
         selection,
         total=stream.total,
         k=k,
-        relative_norms=stream.stats.relative_norms(),
+        stats=stream.stats,
         seed=options.seed,
         order=options.order,
         strategy=chosen,
+        samples=None if options.energy_curve else samples,
     )
     cores = None
     if keep_cores and selection.positions is not None:

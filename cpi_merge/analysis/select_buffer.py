@@ -9,7 +9,9 @@ position, which the merge method can then use instead of finding them again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,16 +22,24 @@ from cpi_merge.analysis.selection import (
     CoreSelection,
     DeltaChunk,
     degenerate_task,
-    sorted_intersection_size,
+    sorted_intersection,
 )
 
-# Peak bytes per core entry and task: a (float32 Δ, float32 |θ0|, int64 index) buffer of
-# 2k entries, plus the k kept entries gathered while pruning.
-BUFFER_BYTES_PER_CORE_ENTRY = 3 * (4 + 4 + 8)
+# Peak bytes per core entry and task: a (float32 Δ, float32 |θ0|, int64 index, bool sign)
+# buffer of 2k entries, plus the k kept entries gathered while pruning.
+BUFFER_BYTES_PER_CORE_ENTRY = 3 * (4 + 4 + 8 + 1)
 
 
 class CutTooHighError(Exception):
     """A starting cut turned out above the k-th largest Δ: select again from 0."""
+
+
+@dataclass(frozen=True)
+class _Core:
+    resolved: Resolved
+    positions: np.ndarray
+    negative: np.ndarray
+    energy: float
 
 
 class _TopKBuffer:
@@ -46,6 +56,7 @@ class _TopKBuffer:
         self.values = torch.empty(0, dtype=torch.float32)
         self.base_abs = torch.empty(0, dtype=torch.float32)
         self.indices = torch.empty(0, dtype=torch.int64)
+        self.negative = torch.empty(0, dtype=torch.bool)
         self.size = 0
         self.prune_at = 2 * k
 
@@ -55,13 +66,17 @@ class _TopKBuffer:
             return
         capacity = max(need, self.prune_at + extra)
         grown = []
-        for old in (self.values, self.base_abs, self.indices):
+        for old in self._buffers():
             new = torch.empty(capacity, dtype=old.dtype)
             new[: self.size] = old[: self.size]
             grown.append(new)
-        self.values, self.base_abs, self.indices = grown
+        self.values, self.base_abs, self.indices, self.negative = grown
 
-    def add(self, delta: torch.Tensor, base: torch.Tensor, offset: int) -> None:
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.values, self.base_abs, self.indices, self.negative
+
+    def add(self, chunk: DeltaChunk, task: int):
+        delta, base, offset = chunk.deltas[task], chunk.base, chunk.offset
         if self.cut > 0:
             if float(delta.max()) < self.cut:  # most chunks, once the cut is high
                 return
@@ -76,6 +91,7 @@ class _TopKBuffer:
         end = self.size + n
         torch.index_select(delta, 0, local, out=self.values[self.size : end])
         torch.index_select(base, 0, local, out=self.base_abs[self.size : end]).abs_()
+        self.negative[self.size : end] = chunk.negative(task, local)
         torch.add(local, offset, out=self.indices[self.size : end])
         self.size = end
         if self.size >= self.prune_at:
@@ -91,17 +107,18 @@ class _TopKBuffer:
             keep = (keys >= bucket).nonzero().squeeze(1)
             del keys
             m = keep.numel()
-            for buf in (self.values, self.base_abs, self.indices):
+            for buf in self._buffers():
                 buf[:m] = buf[: self.size].index_select(0, keep)
             self.size = m
             self.cut = max(self.cut, bucket_floor(bucket))
         # Heavy ties at the cut can keep the buffer above 2k: grow the limit, don't thrash.
         self.prune_at = max(2 * self.k, 2 * self.size)
 
-    def finish(
-        self, layout: TensorLayout, exact_k: bool, seed: int
-    ) -> tuple[int, Resolved | None, np.ndarray]:
-        """Return (positive entries buffered, the resolved boundary or None, sorted core).
+    def finish(self, layout: TensorLayout, exact_k: bool, seed: int) -> _Core | None:
+        """The core: resolved boundary, sorted positions, their signs and its energy.
+
+        Returns:
+            None when fewer than k entries differ from the base (``positive`` tells).
 
         Raises:
             CutTooHighError: Started from a cut that fewer than k entries reach.
@@ -110,16 +127,21 @@ class _TopKBuffer:
         if n < self.k and self.initial_cut > 0:
             raise CutTooHighError(self.initial_cut)
         if n < self.k:
-            return n, None, np.empty(0, dtype=np.int64)
+            return None
         values, indices = self.values[:n], self.indices[:n]
         resolved = resolve_boundary(
             values, self.base_abs[:n], indices, self.k, layout=layout, exact_k=exact_k, seed=seed
         )
-        core = indices[resolved.selected].numpy()
-        self.values = self.base_abs = self.indices = torch.empty(0)
+        picked = resolved.selected
+        core, negative = indices[picked].numpy(), self.negative[:n][picked].numpy()
+        energy = float(torch.dot(values, torch.where(picked, values, 0)))  # float32: fast
+        if not math.isfinite(energy):  # squares beyond float32 (|Δ| > 1.8e19)
+            energy = float(values[picked].double().square().sum())
+        self.values = self.base_abs = self.indices = self.negative = torch.empty(0)
         if core.size > 1 and not (core[1:] > core[:-1]).all():
-            core = np.sort(core)
-        return n, resolved, core
+            order = np.argsort(core)
+            core, negative = core[order], negative[order]
+        return _Core(resolved, core, negative, energy)
 
 
 def select_cores_buffer(
@@ -158,31 +180,37 @@ def select_cores_buffer(
     """
     buffers = [_TopKBuffer(k, cut) for cut in (cuts or [0.0] * len(labels))]
     for chunk in chunks:
-        for buffer, delta in zip(buffers, chunk.deltas, strict=True):
-            buffer.add(delta, chunk.base, chunk.offset)
+        for task, buffer in enumerate(buffers):
+            buffer.add(chunk, task)
 
     edges = np.append(np.asarray(layout.offsets, dtype=np.int64), total)
-    resolved, cores = [], []
+    cores: list[_Core] = []
     counts = np.zeros((len(labels), len(layout.offsets)), dtype=np.int64)
     for i, (buffer, label) in enumerate(zip(buffers, labels, strict=True)):
-        positive, found, core = buffer.finish(layout, exact_k, seed)
-        if found is None:
+        positive = buffer.size
+        core = buffer.finish(layout, exact_k, seed)
+        if core is None:
             raise degenerate_task(label, positive, k, total)
-        resolved.append(found)
         cores.append(core)
-        counts[i] = np.diff(np.searchsorted(core, edges))  # core is sorted
+        counts[i] = np.diff(np.searchsorted(core.positions, edges))  # positions are sorted
 
     n = len(labels)
     intersections = np.zeros((n, n), dtype=np.int64)
+    conflicts = np.zeros((n, n), dtype=np.int64)
     for i in range(n):
-        intersections[i, i] = cores[i].size
+        intersections[i, i] = cores[i].positions.size
         for j in range(i + 1, n):
-            intersections[i, j] = intersections[j, i] = sorted_intersection_size(cores[i], cores[j])
+            at_i, at_j = sorted_intersection(cores[i].positions, cores[j].positions)
+            intersections[i, j] = intersections[j, i] = at_i.size
+            opposite = cores[i].negative[at_i] != cores[j].negative[at_j]
+            conflicts[i, j] = conflicts[j, i] = int(np.count_nonzero(opposite))
     return CoreSelection(
-        boundaries=tuple(r.boundary for r in resolved),
+        boundaries=tuple(c.resolved.boundary for c in cores),
         counts=counts,
         intersections=intersections,
-        at_threshold=tuple(r.at_threshold for r in resolved),
-        taken_at_threshold=tuple(r.taken_at_threshold for r in resolved),
-        positions=tuple(cores),
+        at_threshold=tuple(c.resolved.at_threshold for c in cores),
+        taken_at_threshold=tuple(c.resolved.taken_at_threshold for c in cores),
+        core_energy=tuple(c.energy for c in cores),
+        sign_conflicts=conflicts,
+        positions=tuple(c.positions for c in cores),
     )

@@ -27,6 +27,8 @@ class DeltaChunk:
         deltas: One 1-D float32 tensor per task, all of the same length. They may be
             views of reused buffers: valid only until the next chunk is requested.
         base: θ0 at the same entries, float32 (same validity), for the tie rule.
+        tasks: θi per task at the same entries (same validity; any float dtype, as
+            loaded): the signs of the updates, read only where they are needed.
 
     """
 
@@ -34,6 +36,13 @@ class DeltaChunk:
     offset: int
     deltas: tuple[torch.Tensor, ...]
     base: torch.Tensor | None = None
+    tasks: tuple[torch.Tensor, ...] | None = None
+
+    def negative(self, task: int, at: torch.Tensor) -> torch.Tensor:
+        """Where ``θi − θ0 < 0`` at positions ``at`` of the chunk (bool)."""
+        if self.tasks is None or self.base is None:
+            raise ValueError("this chunk carries no task values: signs are unknown")
+        return self.tasks[task][at].float() < self.base[at]
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,9 @@ class CoreSelection:
         intersections: int64 array (tasks × tasks): ``|Ci ∩ Cj|``; the diagonal is ``|Ci|``.
         at_threshold: Per task, entries with Δ == t_i.
         taken_at_threshold: Per task, how many of those are in the core.
+        core_energy: Per task, ``Σ Δ²`` over its core.
+        sign_conflicts: int64 array (tasks × tasks): entries of ``Ci ∩ Cj`` where the two
+            updates have opposite signs.
         positions: Per task, the sorted global indices of its core entries, when the
             strategy holds them at the end (``buffer``); else None.
 
@@ -56,6 +68,8 @@ class CoreSelection:
     intersections: np.ndarray
     at_threshold: tuple[int, ...]
     taken_at_threshold: tuple[int, ...]
+    core_energy: tuple[float, ...]
+    sign_conflicts: np.ndarray
     positions: tuple[np.ndarray, ...] | None = None
 
     @property
@@ -69,15 +83,15 @@ class CoreSelection:
         return tuple(int(x) for x in np.diag(self.intersections))
 
 
-def sorted_intersection_size(a: np.ndarray, b: np.ndarray) -> int:
-    """``|a ∩ b|`` for two sorted arrays of distinct integers."""
+def sorted_intersection(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where two sorted arrays of distinct integers share values: (indices in a, in b)."""
     if a.size == 0 or b.size == 0:
-        return 0
-    if a.size < b.size:
-        a, b = b, a
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
     pos = np.searchsorted(a, b)
     pos[pos == a.size] = a.size - 1
-    return int(np.count_nonzero(a[pos] == b))
+    hit = a[pos] == b
+    return pos[hit], np.flatnonzero(hit)
 
 
 def degenerate_task(label: str, changed: int, k: int, total: int) -> DegenerateTaskError:

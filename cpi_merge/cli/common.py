@@ -72,7 +72,7 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     return parse_size(value) if value else None
 
 
-ANALYSIS_FIELDS = ("seed", "order", "strategy", "memory_budget")
+ANALYSIS_FIELDS = ("seed", "order", "strategy", "memory_budget", "energy_curve")
 
 
 def analysis_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,6 +121,13 @@ def analysis_options(func: Callable[..., Any]) -> Callable[..., Any]:
             metavar="SIZE",
             callback=_size_option,
             help="Memory the buffer strategy may use, e.g. 8G (default: 40% of RAM).",
+        ),
+        click.option(
+            "--energy-curve",
+            is_flag=True,
+            help="Also measure each task's exact energy curve (how much of the update its "
+            "largest entries hold, at 0.1%-50% of the entries) for the plan and "
+            "diagnostics.png. Slower: a histogram per task on the first pass.",
         ),
         click.option(
             "--allow-pickle",

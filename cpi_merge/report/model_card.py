@@ -41,14 +41,18 @@ def cpi_card_section(plan: CorePlan, recipe: CpiRecipe) -> str:
         f"fusion base `{recipe.name_of(recipe.fusion_base)}` (ω = {p.omega:g} unless set "
         "per model).",
         "",
-        "| task | core threshold t_i | core entries | entries at t_i (taken) | ‖θi − θ0‖ / ‖θ0‖ |",
-        "|---|---|---|---|---|",
+        "| task | core threshold t_i | core entries | entries at t_i (taken) | ‖θi − θ0‖ / ‖θ0‖ "
+        "| energy in core |",
+        "|---|---|---|---|---|---|",
     ]
     for t in plan.tasks:
         count = f"{t.core_count:,}" if t.core_count is not None else "—"
-        rel = f"{t.relative_update_norm:.3e}" if t.relative_update_norm is not None else "—"
+        rel = f"{t.relative_update_norm:.3%}" if t.relative_update_norm is not None else "—"
         ties = "—" if t.at_threshold is None else f"{t.at_threshold:,} ({t.taken_at_threshold:,})"
-        lines.append(f"| `{t.name}` | {t.core_threshold:.6e} | {count} | {ties} | {rel} |")
+        energy = "—" if t.core_energy_share is None else f"{t.core_energy_share:.1%}"
+        lines.append(
+            f"| `{t.name}` | {t.core_threshold:.6e} | {count} | {ties} | {rel} | {energy} |"
+        )
     lines.append("")
     if plan.analysed:
         lines.append(
@@ -58,6 +62,10 @@ def cpi_card_section(plan: CorePlan, recipe: CpiRecipe) -> str:
         for s, group in enumerate(plan.groups, 1):
             lines.append(f"{s}. " + ", ".join(f"`{name}`" for name in group))
         lines += ["", "![Jaccard similarity of the task cores](jaccard.png)", ""]
+        if plan.verdict:
+            lines += ["Merge-ability, as measured by the analysis:", ""]
+            lines += [f"- {line}" for line in plan.verdict]
+            lines += ["", "![Update energy and directions](diagnostics.png)", ""]
     else:
         lines += [
             "Core thresholds were given in the recipe, so overlaps and groups were not "

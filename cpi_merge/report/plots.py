@@ -15,6 +15,7 @@ from matplotlib.patches import Rectangle
 
 from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.report.core_map import DensityTable, density_by_layer, density_by_module
+from cpi_merge.report.diagnostics_plot import DIAGNOSTICS_PNG, plot_diagnostics
 
 JACCARD_PNG = "jaccard.png"
 CORE_MAP_PNG = "core_map.png"
@@ -95,4 +96,7 @@ def write_plots(plan: CorePlan, folder: str | Path) -> list[Path]:
     paths = [folder / JACCARD_PNG, folder / CORE_MAP_PNG]
     plot_jaccard(plan, paths[0])
     plot_core_map(plan, paths[1])
+    if plan.task_cosine is not None:
+        paths.append(folder / DIAGNOSTICS_PNG)
+        plot_diagnostics(plan, paths[-1])
     return paths

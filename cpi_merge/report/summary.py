@@ -38,26 +38,43 @@ def format_summary(plan: CorePlan) -> str:
     ]
     rows = []
     for i, t in enumerate(plan.tasks, 1):
-        rel = "-" if t.relative_update_norm is None else f"{t.relative_update_norm:.3e}"
+        rel = "-" if t.relative_update_norm is None else f"{t.relative_update_norm:.3%}"
         count = "-" if t.core_count is None else f"{t.core_count:,}"
         share = (
             "-" if t.core_count is None else f"{100 * t.core_count / plan.total_parameters:.3f}%"
         )
         at = "-" if t.at_threshold is None else f"{t.at_threshold:,}"
         took = "-" if t.taken_at_threshold is None else f"{t.taken_at_threshold:,}"
-        rows.append([str(i), t.name, f"{t.core_threshold:.6e}", count, share, at, took, rel])
-    header = ["#", "task", "threshold t_i", "core entries", "core %", "at t_i", "taken", "|Δ|/|θ0|"]
-    lines += _table(header, rows, set(range(8)) - {1})
+        energy = "-" if t.core_energy_share is None else f"{t.core_energy_share:.1%}"
+        row = [str(i), t.name, f"{t.core_threshold:.6e}", count, share, at, took, rel, energy]
+        rows.append(row)
+    header = ["#", "task", "threshold t_i", "core entries", "core %", "at t_i", "taken"]
+    header += ["|Δ|/|θ0|", "energy in core"]
+    lines += _table(header, rows, set(range(9)) - {1})
     lines.append(
-        "  (at t_i: entries whose |Δ| equals the threshold; taken: how many the core holds)"
+        "  (at t_i: entries whose |Δ| equals the threshold; taken: how many the core holds;"
     )
+    lines.append("   energy in core: its share of the task's Σ (θi − θ0)²)")
     if not plan.analysed:
         lines += ["", "Thresholds were given in the recipe: overlaps and groups not computed."]
         return "\n".join(lines)
-    lines += ["", "Jaccard similarity of cores:"]
     n = len(plan.tasks)
-    jac_rows = [[str(i + 1)] + [f"{plan.jaccard[i][j]:.4f}" for j in range(n)] for i in range(n)]
-    lines += _table([""] + [str(j + 1) for j in range(n)], jac_rows, set(range(n + 1)))
+    lines += ["", "Jaccard similarity of cores (above the diagonal) and cosine of the updates"]
+    lines += ["θi − θ0 (below it):"]
+    cosine = plan.task_cosine
+    rows = [
+        [str(i + 1)]
+        + [
+            "—"
+            if i == j
+            else f"{plan.jaccard[i][j]:.4f}"
+            if j > i or cosine is None
+            else f"{cosine[i][j]:+.4f}"
+            for j in range(n)
+        ]
+        for i in range(n)
+    ]
+    lines += _table([""] + [str(j + 1) for j in range(n)], rows, set(range(n + 1)))
     how = "random order, seed " + str(plan.seed) if plan.order == "random" else "recipe order"
     lines += [
         "",
@@ -65,4 +82,7 @@ def format_summary(plan: CorePlan) -> str:
     ]
     for s, group in enumerate(plan.groups, 1):
         lines.append(f"  stage {s}: " + ", ".join(group))
+    if plan.verdict:
+        lines += ["", "Merge-ability (thresholds from the benchmarks; see the README):"]
+        lines += [f"  - {line}" for line in plan.verdict]
     return "\n".join(lines)

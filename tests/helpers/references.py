@@ -12,6 +12,7 @@ import math
 from decimal import Decimal
 
 import numpy as np
+import pytest
 import torch
 
 _M64 = (1 << 64) - 1
@@ -58,9 +59,11 @@ def brute_force(base, tasks, p, cast=None, *, exact_k=True, seed=0):
     k = int(Decimal(repr(p)) * total)
     base_abs = torch.cat([prep(base[n]).abs() for n in names]).numpy()
     hashes = np.concatenate([_hashes(seed, n, base[n].numel()) for n in names])
-    masks, boundaries, ties, taken = [], [], [], []
+    masks, boundaries, ties, taken, signed_all = [], [], [], [], []
     for task in tasks:
-        delta = torch.cat([(prep(task[n]) - prep(base[n])).abs() for n in names]).numpy()
+        signed = torch.cat([prep(task[n]) - prep(base[n]) for n in names]).numpy()
+        signed_all.append(signed.astype(np.float64))
+        delta = np.abs(signed)
         order = np.lexsort((hashes, base_abs, -delta.astype(np.float64)))
         last = order[k - 1]
         t = delta[last]
@@ -79,6 +82,21 @@ def brute_force(base, tasks, p, cast=None, *, exact_k=True, seed=0):
         for n, part in zip(names, torch.split(m, sizes)):
             counts.setdefault(n, [0] * len(tasks))[i] = int(part.sum())
     inter = np.array([[int((a & b).sum()) for b in masks] for a in masks])
+    base_norm = float(np.sqrt((base_abs.astype(np.float64) ** 2).sum()))
+    norms = [float(np.sqrt((s**2).sum())) for s in signed_all]
+    cosine = [
+        [float(a @ b) / (na * nb) for b, nb in zip(signed_all, norms)]
+        for a, na in zip(signed_all, norms)
+    ]
+    conflicts = [
+        [
+            int((ma & mb).numpy().__and__(np.sign(a) != np.sign(b)).sum()) / int((ma & mb).sum())
+            if i != j and int((ma & mb).sum())
+            else None
+            for j, (mb, b) in enumerate(zip(masks, signed_all))
+        ]
+        for i, (ma, a) in enumerate(zip(masks, signed_all))
+    ]
     return dict(
         boundaries=boundaries,
         counts=counts,
@@ -86,6 +104,14 @@ def brute_force(base, tasks, p, cast=None, *, exact_k=True, seed=0):
         k=k,
         at_threshold=ties,
         taken_at_threshold=taken,
+        relative_norms=[n / base_norm for n in norms],
+        energy_share=[
+            float((s[m.numpy()] ** 2).sum() / (s**2).sum()) for s, m in zip(signed_all, masks)
+        ],
+        sorted_energy=[np.cumsum(np.sort(s**2)[::-1]) / (s**2).sum() for s in signed_all],
+        p_holding=[_p_holding(np.abs(s).astype(np.float32), total) for s in signed_all],
+        cosine=cosine,
+        conflicts=conflicts,
     )
 
 
@@ -93,7 +119,22 @@ def _bits(x: float) -> int:
     return int(np.float32(x).view(np.uint32))
 
 
+def _p_holding(delta, total):
+    """Smallest share of entries, cut at a 16-bit float32 bucket edge, holding 50%/90%."""
+    keys = delta.view(np.int32) >> 16
+    sq = delta.astype(np.float64) ** 2
+    out = {}
+    for share in (0.5, 0.9):
+        for edge in sorted(set(keys.tolist()), reverse=True):
+            above = keys >= edge
+            if sq[above].sum() >= share * sq.sum() * (1 - 1e-12):
+                out[f"{share:g}"] = int(above.sum()) / total
+                break
+    return out
+
+
 def assert_plan_matches(plan, reference):
+    """The plan equals the brute force (curves: exact, or from a sample of every entry)."""
     """Thresholds, tie numbers, counts and overlaps equal the reference bit for bit."""
     assert plan.k == reference["k"]
     for i, task in enumerate(plan.tasks):
@@ -107,6 +148,23 @@ def assert_plan_matches(plan, reference):
         for name, per_task in reference["counts"].items():
             assert task.per_tensor[name] == per_task[i], (task.name, name)
     assert np.array_equal(np.array(plan.intersections), reference["intersections"])
+    if plan.task_cosine is None:
+        return
+    close = dict(rel=1e-5, abs=1e-9)
+    for i, task in enumerate(plan.tasks):
+        assert task.relative_update_norm == pytest.approx(reference["relative_norms"][i], **close)
+        assert task.core_energy_share == pytest.approx(reference["energy_share"][i], **close)
+        if plan.energy_curve_sample is not None:
+            continue  # an estimate from a sample: see test_starting_cuts_never_change_...
+        ranked = reference["sorted_energy"][i]
+        for share_of_entries, share_of_energy in task.energy_curve or []:  # exact points
+            n = round(share_of_entries * plan.total_parameters)
+            assert share_of_energy == pytest.approx(ranked[n - 1], **close)
+        assert task.p_holding == pytest.approx(reference["p_holding"][i], **close)
+    assert np.allclose(plan.task_cosine, reference["cosine"], rtol=1e-5, atol=1e-7)
+    for row, ref_row in zip(plan.sign_conflict_rate, reference["conflicts"]):
+        for got, want in zip(row, ref_row):
+            assert (got is None) == (want is None) and (got is None or abs(got - want) < 1e-12)
 
 
 def ref_slerp(x, y, w, eps):

@@ -55,9 +55,12 @@ def plans(world, tmp_path_factory):
 
 def test_bf16_ties_give_exactly_k_entries_by_the_tie_rule(world, plans):
     buffer, histogram = plans["buffer"], plans["histogram"]
-    assert buffer.tasks == histogram.tasks or [
-        t.model_dump(exclude={"relative_update_norm"}) for t in buffer.tasks
-    ] == [t.model_dump(exclude={"relative_update_norm"}) for t in histogram.tasks]
+    sums = {"relative_update_norm", "core_energy_share"}  # float sums: close, not equal
+    assert [t.model_dump(exclude=sums) for t in buffer.tasks] == [
+        t.model_dump(exclude=sums) for t in histogram.tasks
+    ]
+    for a, b in zip(buffer.tasks, histogram.tasks):
+        assert a.core_energy_share == pytest.approx(b.core_energy_share, rel=1e-4)
     assert buffer.intersections == histogram.intersections
     for task in buffer.tasks:
         assert task.core_count == buffer.k  # not 1.2-2% of the model: exactly p

@@ -1,0 +1,158 @@
+"""The histogram strategy's last pass: count above the buckets, resolve inside them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cpi_merge.analysis.boundary import resolve_boundary
+from cpi_merge.analysis.core_rule import CoreBoundary
+from cpi_merge.analysis.histogram_keys import Keyed, classify
+from cpi_merge.analysis.radix import float32_from_bits
+from cpi_merge.analysis.selection import CoreSelection, sorted_intersection
+
+KEPT_BYTES = 4 + 4 + 8 + 8 + 8
+"""Bytes per kept bucket entry: Δ, |θ0|, global index, and two task bitmasks (which tasks
+have it above their bucket; which have a negative update there)."""
+
+
+def count_every_tie(chunks, buckets, n: int, n_tensors: int, seed: int) -> CoreSelection:
+    """Final pass when every tie is taken and every threshold is known: just count."""
+    thresholds = [float32_from_bits(b.fixed[0]) for b in buckets]
+    counts = np.zeros((n, n_tensors), dtype=np.int64)
+    intersections = np.zeros((n, n), dtype=np.int64)
+    conflicts = np.zeros((n, n), dtype=np.int64)
+    energy = [0.0] * n
+    for chunk in chunks:
+        masks = [d >= t for d, t in zip(chunk.deltas, thresholds, strict=True)]
+        for i, d in enumerate(chunk.deltas):
+            c = int(torch.count_nonzero(masks[i]))
+            counts[i, chunk.tensor_index] += c
+            intersections[i, i] += c
+            energy[i] += float(d[masks[i]].double().square().sum())
+            for j in range(i + 1, n):
+                both = (masks[i] & masks[j]).nonzero().squeeze(1)
+                intersections[i, j] += both.numel()
+                conflicts[i, j] += _opposite(chunk, i, j, both)
+    ties = tuple(b.at_threshold for b in buckets)
+    return CoreSelection(
+        boundaries=tuple(CoreBoundary(t, seed=seed) for t in thresholds),
+        counts=counts,
+        intersections=np.triu(intersections) + np.triu(intersections, 1).T,
+        at_threshold=ties,
+        taken_at_threshold=ties,
+        core_energy=tuple(energy),
+        sign_conflicts=conflicts + conflicts.T,
+    )
+
+
+def _bits(masks: list[torch.Tensor]) -> torch.Tensor:
+    """Per entry, bit j set where ``masks[j]`` holds (one int64 for ≤ 63 tasks)."""
+    bits = torch.zeros(masks[0].numel(), dtype=torch.int64)
+    for j, mask in enumerate(masks):
+        bits |= mask.long() << j
+    return bits
+
+
+def _opposite(chunk, i: int, j: int, at: torch.Tensor) -> int:
+    """How many of the positions ``at`` have updates of opposite signs in tasks i and j."""
+    if at.numel() == 0:
+        return 0
+    return int(torch.count_nonzero(chunk.negative(i, at) ^ chunk.negative(j, at)))
+
+
+def keep_and_resolve(chunks, buckets, keyed: Keyed, n: int, exact_k: bool) -> CoreSelection:
+    """Final pass: count what is above each bucket, keep what is inside, resolve in memory.
+
+    Above the buckets (A_i) the pass counts entries per tensor, pairwise overlaps, energy
+    and opposite signs; inside them it keeps Δ, |θ0|, the position and which tasks have the
+    entry above their bucket or a negative update there. The selected part of each bucket
+    (S_i) then completes every figure: |Ci ∩ Cj| = |Ai ∩ Aj| + |Si ∩ Aj| + |Ai ∩ Sj| +
+    |Si ∩ Sj|, and the same for opposite signs.
+    """
+    layout = keyed.layout
+    n_tensors = len(layout.offsets)
+    counts = np.zeros((n, n_tensors), dtype=np.int64)
+    overlaps = np.zeros((n, n), dtype=np.int64)
+    conflicts = np.zeros((n, n), dtype=np.int64)
+    energy = [0.0] * n
+    kept: list[list[tuple]] = [[] for _ in range(n)]
+    for chunk in chunks:
+        classified = [classify(chunk, i, bucket, keyed) for i, bucket in enumerate(buckets)]
+        above = [c[0] for c in classified]
+        for i, d in enumerate(chunk.deltas):
+            c = int(torch.count_nonzero(above[i]))
+            counts[i, chunk.tensor_index] += c
+            overlaps[i, i] += c
+            energy[i] += float(d[above[i]].double().square().sum())
+            for j in range(i + 1, n):
+                both = (above[i] & above[j]).nonzero().squeeze(1)
+                overlaps[i, j] += both.numel()
+                conflicts[i, j] += _opposite(chunk, i, j, both)
+            inside = classified[i][1]
+            if inside.numel():
+                negative = [chunk.negative(t, inside) for t in range(n)]
+                kept[i].append(
+                    (
+                        d[inside].clone(),
+                        chunk.base[inside].abs(),
+                        inside + chunk.offset,
+                        _bits([a[inside] for a in above]),
+                        _bits(negative),
+                    )
+                )
+    starts = np.asarray(layout.offsets, dtype=np.int64)
+    boundaries, ties, taken, picked = [], [], [], []
+    for i, bucket in enumerate(buckets):
+        delta, base_abs, index, above_bits, negative_bits = (
+            torch.cat(parts) for parts in zip(*kept[i], strict=True)
+        )
+        found = resolve_boundary(
+            delta, base_abs, index, bucket.rank, layout=layout, exact_k=exact_k, seed=keyed.seed
+        )
+        chosen = found.selected
+        energy[i] += float(delta[chosen].double().square().sum())
+        core = index[chosen].numpy()
+        order = np.argsort(core)
+        picked.append(
+            (core[order], above_bits[chosen].numpy()[order], negative_bits[chosen].numpy()[order])
+        )
+        counts[i] += np.bincount(
+            np.searchsorted(starts, core, side="right") - 1, minlength=n_tensors
+        )
+        boundaries.append(found.boundary)
+        if bucket.at_threshold is None:  # the bucket held every entry at the threshold
+            ties.append(found.at_threshold)
+            taken.append(found.taken_at_threshold)
+        else:
+            ties.append(bucket.at_threshold)
+            taken.append(int(counts[i].sum()) - bucket.above_threshold)
+    overlaps = np.triu(overlaps) + np.triu(overlaps, 1).T
+    conflicts = conflicts + conflicts.T
+    for i in range(n):
+        positions, above_bits, negative_bits = picked[i]
+        overlaps[i, i] += positions.size
+        mine = (negative_bits >> i) & 1
+        for j in range(n):
+            if j == i:
+                continue
+            in_aj = ((above_bits >> j) & 1).astype(bool)  # S_i ∩ A_j
+            opposite = in_aj & (mine != ((negative_bits >> j) & 1))
+            for a, b in ((i, j), (j, i)):
+                overlaps[a, b] += int(np.count_nonzero(in_aj))
+                conflicts[a, b] += int(np.count_nonzero(opposite))
+        for j in range(i + 1, n):  # S_i ∩ S_j
+            at_i, at_j = sorted_intersection(positions, picked[j][0])
+            opposite = ((negative_bits[at_i] >> i) & 1) != ((picked[j][2][at_j] >> j) & 1)
+            for a, b in ((i, j), (j, i)):
+                overlaps[a, b] += at_i.size
+                conflicts[a, b] += int(np.count_nonzero(opposite))
+    return CoreSelection(
+        boundaries=tuple(boundaries),
+        counts=counts,
+        intersections=overlaps,
+        at_threshold=tuple(ties),
+        taken_at_threshold=tuple(taken),
+        core_energy=tuple(energy),
+        sign_conflicts=conflicts,
+    )
