@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-real test-faults lint bench clean
+.PHONY: demo test test-real test-faults test-fsdp lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-real: $(STAMP)
 # read-only disks (tmpfs: needs root, else skipped), damaged files.
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults
+
+# Sharded consolidation (FSDP2) over 2 CPU processes: resume and accelerate's FSDP2 config.
+test-fsdp: $(STAMP)
+	$(BIN)/python -m pytest -q -m fsdp
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -111,7 +111,13 @@ class TrainingConfig(BaseModel):
         problems = []
         names = training_argument_names()
         for key, value in self.arguments.items():
-            if key in SET_BY_THE_TOOL:
+            if key == "deepspeed" and value:
+                problems.append(
+                    "training.deepspeed: DeepSpeed is not supported (exact freezing is not "
+                    "implemented for ZeRO's flat parameter partitions); use FSDP2: "
+                    "training.fsdp: 'full_shard auto_wrap' with training.fsdp_config: {version: 2}"
+                )
+            elif key in SET_BY_THE_TOOL:
                 problems.append(f"training.{key}: set by cpi-consolidate itself; remove it")
             elif key not in names:
                 problems.append(
@@ -143,7 +149,13 @@ class TrainingConfig(BaseModel):
         return self.model_copy(update={"max_steps_per_stage": self.steps_per_task * n_tasks})
 
     def training_arguments(
-        self, output_dir: str | Path, *, seed: int, progress: bool, ddp_backend: str | None = None
+        self,
+        output_dir: str | Path,
+        *,
+        seed: int,
+        progress: bool,
+        ddp_backend: str | None = None,
+        sharded: bool = False,
     ):
         """``transformers.TrainingArguments`` for one stage of this config.
 
@@ -152,12 +164,20 @@ class TrainingConfig(BaseModel):
             seed: Seed of the stage (data order, dropout).
             progress: Show the Trainer's progress bar.
             ddp_backend: Process-group backend when the config sets none (gloo on CPU).
+            sharded: The model is already sharded (FSDP2 at load): the ``fsdp`` keys are
+                not handed on, and the Trainer saves only the gathered weights (the
+                stage's own checkpoint code saves the shards).
         """
         import torch
         from transformers import TrainingArguments
 
+        from consolidation.training.sharding import unsharded_arguments
+
+        arguments = unsharded_arguments(self.arguments) if sharded else self.arguments
+        if sharded:
+            arguments["save_only_model"] = True
         return TrainingArguments(
-            **{"ddp_backend": ddp_backend, **self.arguments},
+            **{"ddp_backend": ddp_backend, **arguments},
             output_dir=str(output_dir),
             max_steps=self.max_steps_per_stage if self.max_steps_per_stage is not None else -1,
             num_train_epochs=self.epochs_per_stage or 1.0,

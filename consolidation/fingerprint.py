@@ -1,13 +1,14 @@
 """What a run was started with, so ``--resume`` never mixes two different runs.
 
 A fresh run writes ``run.json`` into its work folder: the config, the SHA-256 of the plan
-and of every data file, the model folder's files (names, sizes, modification times) and
-the number of processes. ``--resume`` recomputes it and refuses any difference, naming
-every changed field (``training.learning_rate: 0.01 -> 0.02``).
+and of every data file, the model folder's files (names, sizes, modification times), the
+number of processes and how the model is sharded. ``--resume`` recomputes it and refuses
+any difference, naming every changed field (``training.learning_rate: 0.01 -> 0.02``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -36,9 +37,12 @@ def _stamps(folder: str) -> dict[str, list[int]]:
     }
 
 
-def run_fingerprint(cfg, *, world_size: int, plan: str | Path | None = None) -> dict[str, Any]:
+def run_fingerprint(
+    cfg, *, world_size: int, plan: str | Path | None = None, sharding: Any = None
+) -> dict[str, Any]:
     """The fingerprint of a consolidation or probe run (see the module docstring)."""
     return {
+        "sharding": dataclasses.asdict(sharding) if sharding is not None else None,
         "config": cfg.model_dump(mode="json"),
         "plan": _sha256(plan) if plan is not None else None,
         "model": {part: _stamps(part) for part in cfg.model.split("+")},

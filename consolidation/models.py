@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from consolidation.training.distributed import barrier, is_main_process
+from consolidation.training.distributed import barrier, is_main_process, world_size
+from consolidation.training.sharding import Sharding
 from cpi_merge.errors import CheckpointError
 from cpi_merge.io.lora import LoraCache, is_lora
 
@@ -37,18 +38,34 @@ def load_tokenizer(folder: str | Path):
     return tokenizer
 
 
-def load_for_training(folder: str | Path) -> tuple[torch.nn.Module, torch.dtype]:
+def load_for_training(
+    folder: str | Path, sharding: Sharding | None = None
+) -> tuple[torch.nn.Module, torch.dtype]:
     """The causal LM in float32, and the dtype it was stored in.
+
+    Args:
+        folder: The model folder.
+        sharding: Shard it over the launched processes as it loads (FSDP2, see
+            :mod:`consolidation.training.sharding`); None: a whole model per process.
 
     Raises:
         CheckpointError: The folder does not load as a causal LM.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    extra = {}
+    if sharding is not None:
+        from transformers.distributed import DistributedConfig
+
+        extra["distributed_config"] = DistributedConfig(
+            fsdp_size=world_size(),
+            fsdp_mixed_precision=sharding.mixed_precision,
+            fsdp_cpu_offload=sharding.cpu_offload,
+        )
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, trust_remote_code=False
+            str(folder), dtype=torch.float32, trust_remote_code=False, **extra
         )
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{folder}: cannot load as a causal LM ({exc})") from None
@@ -58,20 +75,47 @@ def load_for_training(folder: str | Path) -> tuple[torch.nn.Module, torch.dtype]
     return model, stored if isinstance(stored, torch.dtype) else torch.float32
 
 
-def save_model(model: torch.nn.Module, tokenizer, folder: str | Path, dtype: torch.dtype) -> None:
-    """Save weights (safetensors, in ``dtype``), config and tokenizer into ``folder``."""
+def save_model(
+    model: torch.nn.Module,
+    tokenizer,
+    folder: str | Path,
+    dtype: torch.dtype,
+    *,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Save weights (safetensors, in ``dtype``), config and tokenizer into ``folder``.
+
+    Without ``state``, a sharded model is gathered first: call this on every process then
+    (a collective); only the main process writes.
+
+    Args:
+        model: The model (its config and class are saved too).
+        tokenizer: Saved beside the weights, if not None.
+        folder: The output folder.
+        dtype: The dtype the weights are written in.
+        state: The whole state dict, already gathered (:func:`full_state`).
+    """
+    state = dict(full_state(model) if state is None else state)
+    if not is_main_process():
+        return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # Cast each storage once, so tied weights stay one tensor and are saved once (as the
     # input stored them: no lm_head.weight when tie_word_embeddings is true).
     cast: dict[int, torch.Tensor] = {}
-    state = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         ptr = value.data_ptr()
         if ptr not in cast:
             cast[ptr] = value.detach().to(dtype)
         state[key] = cast[ptr]
-    model.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+    # A model sharded at load would ignore ``state`` and gather itself (a collective, in
+    # float32); the state is gathered and cast already, so save it as a whole model's.
+    distributed = getattr(model.config, "distributed_config", None)
+    model.config.distributed_config = None
+    try:
+        model.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+    finally:
+        model.config.distributed_config = distributed
     config_path = folder / "config.json"
     if config_path.exists():  # record the stored dtype, not the training one
         import json
@@ -82,6 +126,28 @@ def save_model(model: torch.nn.Module, tokenizer, folder: str | Path, dtype: tor
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict (sharded: gathered to the main process, on CPU).
+
+    Sharded, it is a collective: every process must call it; the others get ``{}``.
+    """
+    from consolidation.freezing.shards import is_sharded
+
+    if not any(is_sharded(p) for p in model.parameters()):
+        return dict(model.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if state:  # tied parameters (one object, two names): one tensor again, saved once
+        first: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in first and first[id(param)] in state and name in state:
+                state[name] = state[first[id(param)]]
+            first.setdefault(id(param), name)
+    return state
 
 
 @dataclass(frozen=True)

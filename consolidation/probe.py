@@ -20,6 +20,7 @@ from consolidation.config import ProbeConfig, load_probe_config
 from consolidation.data.tasks import task_datasets
 from consolidation.data.tokenize import collator
 from consolidation.fingerprint import run_fingerprint
+from consolidation.freezing.shards import local_tensor
 from consolidation.models import (
     load_for_training,
     load_tokenizer,
@@ -31,9 +32,11 @@ from consolidation.training.distributed import (
     barrier,
     init_distributed,
     is_main_process,
+    summed,
     world_size,
 )
 from consolidation.training.integrity import SEAL, seal, seal_problems
+from consolidation.training.sharding import requested_sharding
 from consolidation.training.trainer import build_optimizer, losses, run_stage
 from consolidation.workdir import work_session
 from cpi_merge.config.recipe import DEFAULT_CORE_FRACTION, DEFAULT_TAU, METHOD_NAME
@@ -45,10 +48,13 @@ REPORT_FILE = "probes_report.json"
 
 
 def _relative_norm(model: torch.nn.Module, base: dict[str, torch.Tensor]) -> float:
+    """‖θ − θ0‖ / ‖θ0‖ over every parameter (sharded: over every process's shard)."""
     num = den = 0.0
     for name, p in model.named_parameters():
-        num += float((p.detach().double() - base[name].double()).pow(2).sum())
-        den += float(base[name].double().pow(2).sum())
+        now, was = local_tensor(p.detach()).double(), local_tensor(base[name]).double()
+        num += float((now - was).pow(2).sum())
+        den += float(was.pow(2).sum())
+    num, den = summed(num), summed(den)
     return math.sqrt(num / den) if den else math.inf
 
 
@@ -72,18 +78,19 @@ def run_probes(
     Returns:
         Per task: steps, first and last loss, ‖θi − θ0‖ / ‖θ0‖.
     """
-    init_distributed()
     cfg = config if isinstance(config, ProbeConfig) else load_probe_config(config)
+    sharding = requested_sharding(cfg.training.arguments)
+    init_distributed()
     out_dir = Path(out_dir)
     inputs = model_folders(cfg.model)
-    fingerprint = run_fingerprint(cfg, world_size=world_size())
+    fingerprint = run_fingerprint(cfg, world_size=world_size(), sharding=sharding)
     with work_session(
         out_dir, force=force, resume=resume, inputs=inputs, fingerprint=fingerprint
     ) as work:
-        return _probe(cfg, work, out_dir, inputs, force, resume, progress)
+        return _probe(cfg, work, out_dir, inputs, force, resume, progress, sharding)
 
 
-def _probe(cfg, work, out_dir, inputs, force, resume, progress) -> dict[str, dict]:
+def _probe(cfg, work, out_dir, inputs, force, resume, progress, sharding) -> dict[str, dict]:
     """The probes, in a prepared work folder (see :func:`run_probes`)."""
     local = local_model(cfg.model, work)
     tokenizer = load_tokenizer(local.tokenizer)
@@ -95,7 +102,7 @@ def _probe(cfg, work, out_dir, inputs, force, resume, progress) -> dict[str, dic
         if done.exists() and not seal_problems(work / task):
             results[task] = json.loads(done.read_text())
             continue
-        model, dtype = load_for_training(local.weights)
+        model, dtype = load_for_training(local.weights, sharding)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer = run_stage(
             model,
@@ -115,8 +122,8 @@ def _probe(cfg, work, out_dir, inputs, force, resume, progress) -> dict[str, dic
             "last_loss": history[-1][1] if history else None,
             "relative_update_norm": _relative_norm(model, start),
         }
+        save_model(model, tokenizer, work / task, dtype)  # sharded: gathered, then written
         if is_main_process():
-            save_model(model, tokenizer, work / task, dtype)
             shutil.rmtree(work / f"{task}.checkpoints", ignore_errors=True)
             done.write_text(json.dumps(results[task]))
             seal(work / task)

@@ -5,7 +5,8 @@ the sampled data of its tasks, the cores of the tasks of stages 1..k−1 are fro
 bit (:class:`~consolidation.freezing.freezer.ExactFreezer`). Work happens in a hidden sibling folder
 ``.<OUT>.work`` (stage checkpoints, stage ends) so an interrupted run can ``--resume``;
 OUT_DIR itself appears only when every stage is done. In multi-process runs every rank
-computes the same masks from the same files; only rank 0 writes.
+computes the same masks from the same files; only rank 0 writes files, except the shards
+of a sharded model (FSDP2), which each process saves itself.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from consolidation.fingerprint import run_fingerprint
 from consolidation.freezing.freezer import ExactFreezer
 from consolidation.freezing.masks import check_plan_matches_model, core_positions
 from consolidation.models import (
+    full_state,
     load_for_training,
     load_tokenizer,
     local_model,
@@ -37,10 +39,13 @@ from consolidation.training.distributed import (
     init_distributed,
     is_main_process,
     ranks_agree,
+    summed,
     world_size,
 )
 from consolidation.training.integrity import seal, seal_problems
 from consolidation.training.resume import load_for_resume, save_for_resume
+from consolidation.training.sharded_state import is_sharded_model
+from consolidation.training.sharding import Sharding, requested_sharding
 from consolidation.training.trainer import build_optimizer, losses, run_stage
 from consolidation.workdir import work_session
 from cpi_merge.analysis.plan import CorePlan
@@ -84,8 +89,9 @@ def check_data_keys(cfg: ConsolidationConfig, plan: CorePlan) -> None:
         )
 
 
-def _header(cfg: ConsolidationConfig, total: int) -> dict:
+def _header(cfg: ConsolidationConfig, total: int, sharding: Sharding | None) -> dict:
     return {
+        "sharding": asdict(sharding) if sharding is not None else None,
         "created_by": package_version(),
         "model": cfg.model,
         "plan": str(cfg.plan_path),
@@ -141,18 +147,22 @@ def consolidate(
     Raises:
         CpiError: Bad config, data, plan or output location; all before training starts.
     """
-    init_distributed()
     cfg = config if isinstance(config, ConsolidationConfig) else load_consolidation_config(config)
+    sharding = requested_sharding(cfg.training.arguments)
+    init_distributed()
     out_dir = Path(out_dir)
     plan = CorePlan.load(cfg.plan_path)
     check_data_keys(cfg, plan)
     groups = stage_groups(cfg, plan)
     inputs = model_folders(cfg.model)
-    fingerprint = run_fingerprint(cfg, world_size=world_size(), plan=cfg.plan_path)
+    fingerprint = run_fingerprint(
+        cfg, world_size=world_size(), plan=cfg.plan_path, sharding=sharding
+    )
     with work_session(
         out_dir, force=force, resume=resume, inputs=inputs, fingerprint=fingerprint
     ) as work:
-        return _consolidate(cfg, plan, groups, work, out_dir, inputs, force, resume, progress)
+        run = _Run(cfg, plan, groups, work, out_dir, inputs, force, resume, progress, sharding)
+        return _consolidate(run)
 
 
 def _finished_stage(folder: Path) -> dict | None:
@@ -193,15 +203,30 @@ def check_model_unchanged(folder: str) -> None:
         )
 
 
-def _consolidate(cfg, plan, groups, work, out_dir, inputs, force, resume, progress):
+@dataclass(frozen=True)
+class _Run:
+    cfg: ConsolidationConfig
+    plan: CorePlan
+    groups: list[list[str]]
+    work: Path
+    out_dir: Path
+    inputs: list[str]
+    force: bool
+    resume: bool
+    progress: bool
+    sharding: Sharding | None
+
+
+def _consolidate(run: _Run) -> list[StageRecord]:
     """The stages, in a prepared work folder (see :func:`consolidate`)."""
+    cfg, plan, groups, work, progress = run.cfg, run.plan, run.groups, run.work, run.progress
     if is_main_process():
         check_model_unchanged(cfg.model)
     local = local_model(cfg.model, work)
     lora = _lora_tasks_merged(plan, work)
     tokenizer = load_tokenizer(local.tokenizer)
     datasets = task_datasets(cfg, tokenizer)
-    model, dtype = load_for_training(local.weights)
+    model, dtype = load_for_training(local.weights, run.sharding)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     check_plan_matches_model(plan, shapes, {n for n, _ in model.named_buffers()})
     total = sum(p.numel() for p in model.parameters())
@@ -238,10 +263,10 @@ def _consolidate(cfg, plan, groups, work, out_dir, inputs, force, resume, progre
             optimizer=optimizer,
             seed=cfg.seed + index,
             progress=progress,
-            resume=resume,
+            resume=run.resume,
         )
         freezer.detach()
-        drift = freezer.drift()
+        drift = int(summed(freezer.drift()))
         if drift:
             raise RuntimeError(f"stage {index}: {drift} frozen entries changed (a bug: report it)")
         agree = ranks_agree(freezer, model)
@@ -256,27 +281,31 @@ def _consolidate(cfg, plan, groups, work, out_dir, inputs, force, resume, progre
             steps=trainer.state.global_step,
             first_loss=history[0][1] if history else None,
             last_loss=history[-1][1] if history else None,
-            freezer_bytes=freezer.stored_bytes,
+            freezer_bytes=int(summed(freezer.stored_bytes, op="max")),
             ranks_agree=agree,
             losses=history,
         )
         records.append(record)
-        if is_main_process():
-            if cfg.save_stages:
-                save_model(model, tokenizer, work / "stages" / str(index), dtype)
+        if cfg.save_stages:  # sharded: gathered on every process, written by the main one
+            save_model(model, tokenizer, work / "stages" / str(index), dtype)
+        if is_sharded_model(model) or is_main_process():
             save_for_resume(model, optimizer, stage_dir / STAGE_DONE)
+        barrier()
+        if is_main_process():
             (stage_dir / STAGE_DONE / "record.json").write_text(json.dumps(asdict(record)))
             seal(stage_dir / STAGE_DONE)
         barrier()
         pause_point("stage")
 
+    state = full_state(model)  # sharded: a collective (the main process gets the weights)
     if is_main_process():
-        with staged_output(out_dir, force=force, inputs=inputs, locked=True) as tmp:
-            save_model(model, tokenizer, tmp, dtype)
+        with staged_output(run.out_dir, force=run.force, inputs=run.inputs, locked=True) as tmp:
+            save_model(model, tokenizer, tmp, dtype, state=state)
             if cfg.save_stages:
                 shutil.move(str(work / "stages"), str(tmp / "stages"))
             header = {
-                **_header(cfg, total),
+                **_header(cfg, total, run.sharding),
+                "parameters_sharded": is_sharded_model(model),
                 "truncated_examples": {t: d.truncated for t, d in datasets.items()},
             }
             write_report(tmp / REPORT_FILE, header, records)

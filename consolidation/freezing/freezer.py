@@ -16,6 +16,14 @@ gradient is masked. So the update itself is masked, in two places:
 Only the frozen entries are stored (int32 positions + values): at p = 1% and three tasks
 a fraction of a byte per model parameter, with no full-size mask or copy. Pure torch: the
 freezer knows nothing of the Trainer that drives the optimizer.
+
+Sharded parameters (FSDP2 ``fully_shard``: DTensors split along dim 0) work the same way,
+on each process's own shard: the freezer keeps only the frozen positions that fall in the
+local rows (storage per process ≈ total / world size), and every edit goes through
+``to_local()``. FSDP2 calls the gradient hooks on the sharded parameter right after its
+reduce-scatter, so the masked gradient is what clipping and the optimizer see on every
+process. The freezer must be built after sharding (``fully_shard`` replaces every
+parameter object).
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from consolidation.freezing.shards import local_positions, local_tensor
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
@@ -46,6 +56,11 @@ class ExactFreezer:
         self.positions: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
         self.params: dict[str, nn.Parameter] = {}
+        self.global_entries = 0
+        """Frozen entries over the whole model (every process's shard together)."""
+        self.position_sum = 0
+        """Sum of the global positions: with ``global_entries``, a fingerprint of the masks
+        that every process can compare, sharded or not."""
         for name, pos in frozen.items():
             if name not in params:
                 raise KeyError(f"{name!r} is not a parameter of the model")
@@ -55,19 +70,29 @@ class ExactFreezer:
             pos = pos.to(torch.int32).flatten()
             if int(pos.min()) < 0 or int(pos.max()) >= p.numel():
                 raise ValueError(f"{name}: frozen positions outside [0, {p.numel()})")
+            self.global_entries += pos.numel()
+            self.position_sum += int(pos.long().sum())
+            pos = local_positions(name, p, pos)  # this process's shard (all: not sharded)
+            if pos.numel() == 0:
+                continue
             self.params[name] = p
             self.positions[name] = pos
-            self.values[name] = p.detach().reshape(-1)[pos].clone()
+            self.values[name] = local_tensor(p).detach().reshape(-1)[pos.long()].clone()
         self._handles: list = []
 
     @property
     def frozen_entries(self) -> int:
-        """Number of frozen entries."""
+        """Number of frozen entries (over the whole model, when sharded)."""
+        return self.global_entries
+
+    @property
+    def local_entries(self) -> int:
+        """Frozen entries this process enforces (its shard; all of them when not sharded)."""
         return sum(p.numel() for p in self.positions.values())
 
     @property
     def stored_bytes(self) -> int:
-        """Memory the freezer holds: positions and values of the frozen entries."""
+        """Memory this process's freezer holds: positions and values of its frozen entries."""
         return sum(
             p.numel() * p.element_size() + v.numel() * v.element_size()
             for p, v in zip(self.positions.values(), self.values.values(), strict=True)
@@ -77,8 +102,10 @@ class ExactFreezer:
         """Start enforcing: gradient hooks on the parameters, a post-step hook on ``optimizer``.
 
         Moments the optimizer already holds for frozen entries (a carried optimizer) are
-        zeroed now, so stale momentum cannot move them.
+        zeroed now, so stale momentum cannot move them. An accelerate ``AcceleratedOptimizer``
+        (what Trainer callbacks receive) is unwrapped to the optimizer it drives.
         """
+        optimizer = getattr(optimizer, "optimizer", optimizer)
         self.detach()
         for name, p in self.params.items():
             self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
@@ -97,7 +124,7 @@ class ExactFreezer:
 
         def hook(param: nn.Parameter) -> None:
             if param.grad is not None:
-                param.grad.view(-1).index_fill_(0, pos.long(), 0.0)
+                local_tensor(param.grad).view(-1).index_fill_(0, pos.long(), 0.0)
 
         return hook
 
@@ -109,7 +136,7 @@ class ExactFreezer:
     def restore(self) -> None:
         """Write the stored values back into the frozen entries."""
         for name, p in self.params.items():
-            p.view(-1).index_copy_(0, self.positions[name].long(), self.values[name])
+            local_tensor(p).view(-1).index_copy_(0, self.positions[name].long(), self.values[name])
 
     @torch.no_grad()
     def _zero_moments(self, optimizer: torch.optim.Optimizer) -> None:
@@ -120,13 +147,16 @@ class ExactFreezer:
             for key in _MOMENT_KEYS:
                 moment = state.get(key)
                 if isinstance(moment, torch.Tensor) and moment.shape == p.shape:
-                    moment.view(-1).index_fill_(0, self.positions[name].long(), 0.0)
+                    local_tensor(moment).view(-1).index_fill_(0, self.positions[name].long(), 0.0)
 
     def drift(self) -> int:
-        """Frozen entries whose bits differ from the stored values (0 while enforced)."""
+        """Frozen entries of this process whose bits differ from the stored values.
+
+        0 while enforced; sum it over processes when sharded.
+        """
         changed = 0
         for name, p in self.params.items():
-            now = p.detach().reshape(-1)[self.positions[name]]
+            now = local_tensor(p).detach().reshape(-1)[self.positions[name].long()]
             changed += int((as_bits(now) != as_bits(self.values[name])).sum())
         return changed
 

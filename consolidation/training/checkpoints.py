@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from consolidation.training.distributed import barrier, world_size
 from consolidation.training.integrity import SEAL, read_seal, seal, seal_problems
+from consolidation.training.sharded_state import SHARDED_DIR
 from cpi_merge.errors import ResumeError
 
 COMPLETE_MARKER = SEAL
@@ -37,6 +38,8 @@ class MarkComplete(TrainerCallback):
 
 def _required_files(folder: Path, ranks: int) -> list[str]:
     rng = ["rng_state.pth"] if ranks == 1 else [f"rng_state_{r}.pth" for r in range(ranks)]
+    if (folder / SHARDED_DIR).is_dir():  # FSDP2: weights and moments are in the shards
+        return ["trainer_state.json", "scheduler.pt", f"{SHARDED_DIR}/.metadata", *rng]
     weights = (
         "model.safetensors"
         if (folder / "model.safetensors").exists()

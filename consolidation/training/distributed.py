@@ -57,17 +57,31 @@ def world_size() -> int:
 def ranks_agree(freezer, model: torch.nn.Module) -> bool | None:
     """Whether every rank froze the same positions and holds the same weights (None: 1 rank).
 
-    A fingerprint (count and sum of frozen positions, sum of all weights in float64) is
-    gathered from every process and compared.
+    A fingerprint is gathered from every process and compared: the count and sum of the
+    frozen global positions and, unless the parameters are sharded (then each process
+    holds its own part, by design), the sum of all weights in float64.
     """
     if not is_distributed():
         return None
-    positions = sum(int(p.long().sum()) for p in freezer.positions.values())
-    weights = sum(float(p.detach().double().sum()) for p in model.parameters())
-    mine = (freezer.frozen_entries, positions, weights)
+    from consolidation.freezing.shards import is_sharded
+
+    params = list(model.parameters())
+    sharded = any(is_sharded(p) for p in params)
+    weights = None if sharded else sum(float(p.detach().double().sum()) for p in params)
+    mine = (freezer.frozen_entries, freezer.position_sum, weights)
     everyone: list = [None] * world_size()
     torch.distributed.all_gather_object(everyone, mine)
     agree = all(f == everyone[0] for f in everyone)
     if not agree:
         LOG.error("rank fingerprints differ: %s", everyone)
     return agree
+
+
+def summed(value: float, *, op: str = "sum") -> float:
+    """``value`` summed (or its ``"max"``) over every process (itself in a single process)."""
+    if not is_distributed():
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    reduce = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(total, op=reduce)
+    return type(value)(total.item())

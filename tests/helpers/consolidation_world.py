@@ -26,9 +26,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_base(root: Path) -> Path:
+def make_base(root: Path, *, tied: bool = False, dtype: str | None = None) -> Path:
+    import torch
+
     tokenizer = char_tokenizer()
     model = tiny_llama(len(tokenizer), hidden=32, layers=2, heads=4, seed=0)
+    if tied:  # one matrix for input and output embeddings, stored once
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
     base = root / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -46,14 +53,20 @@ TRAINING = {
 }
 
 
-def build_world(root: Path) -> dict:
-    """Base + data + probes + merged model; returns paths."""
+def build_world(root: Path, *, tied: bool = False, dtype: str | None = None) -> dict:
+    """Base + data + probes + merged model; returns paths.
+
+    Args:
+        root: Where to build it.
+        tied: Tie the input and output embeddings.
+        dtype: Store base, probes and merge in this dtype (default float32).
+    """
     from mergekit.options import MergeOptions
 
     from consolidation.probe import RECIPE_FILE, run_probes
     from cpi_merge.commands import merge
 
-    base = make_base(root)
+    base = make_base(root, tied=tied, dtype=dtype)
     data = {
         k: write_jsonl(root / f"{k}.jsonl", task_examples(k, 24, 0)) for k in ("rev", "sort", "dup")
     }
@@ -70,6 +83,8 @@ def build_world(root: Path) -> dict:
     run_probes(probe_cfg, root / "probes", progress=False)
     recipe = yaml.safe_load((root / "probes" / RECIPE_FILE).read_text())
     recipe["parameters"] = {"core_fraction": 0.02, "tau": 0.2}
+    if dtype is not None:
+        recipe["dtype"] = dtype
     (root / "recipe.yml").write_text(yaml.safe_dump(recipe))
     merge(root / "recipe.yml", root / "merged", options=MergeOptions(quiet=True))
     return {"base": base, "data": data, "merged": root / "merged", "probes": root / "probes"}

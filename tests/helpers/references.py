@@ -47,7 +47,7 @@ def brute_force(base, tasks, p, cast=None, *, exact_k=True, seed=0):
 
     Returns:
         dict with boundaries [(t, a, h)], counts {name: [per task]}, intersections, k,
-        masks [{name: bool tensor}], at_threshold and taken_at_threshold per task.
+        masks [{name: flat bool tensor}] per task, at_threshold and taken_at_threshold per task.
     """
     names = sorted(n for n, t in base.items() if t.is_floating_point())
 
@@ -99,6 +99,7 @@ def brute_force(base, tasks, p, cast=None, *, exact_k=True, seed=0):
     ]
     return dict(
         boundaries=boundaries,
+        masks=[dict(zip(names, torch.split(m, sizes))) for m in masks],
         counts=counts,
         intersections=inter,
         k=k,
