@@ -27,6 +27,7 @@ field under its own name (``learning_rate``, ``bf16``, ``lr_scheduler_type``,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from functools import cache
 from pathlib import Path
@@ -164,16 +165,18 @@ class TrainingConfig(BaseModel):
             seed: Seed of the stage (data order, dropout).
             progress: Show the Trainer's progress bar.
             ddp_backend: Process-group backend when the config sets none (gloo on CPU).
-            sharded: The model is already sharded (FSDP2 at load): the ``fsdp`` keys are
-                not handed on, and the Trainer saves only the gathered weights (the
-                stage's own checkpoint code saves the shards).
+            sharded: The model is already sharded (FSDP2 at load): the Trainer saves no
+                optimizer state of its own (the stage's checkpoint code saves the shards).
+                The ``fsdp`` keys are never handed on: this tool shards the model itself.
         """
         import torch
         from transformers import TrainingArguments
 
         from consolidation.training.sharding import unsharded_arguments
 
-        arguments = unsharded_arguments(self.arguments) if sharded else self.arguments
+        # The fsdp keys are this tool's to read (training/sharding.py), never the Trainer's;
+        # a copy, as TrainingArguments edits an fsdp_config dict in place.
+        arguments = copy.deepcopy(unsharded_arguments(self.arguments))
         if sharded:
             arguments["save_only_model"] = True
         return TrainingArguments(

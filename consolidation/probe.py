@@ -80,7 +80,7 @@ def run_probes(
     """
     cfg = config if isinstance(config, ProbeConfig) else load_probe_config(config)
     sharding = requested_sharding(cfg.training.arguments)
-    init_distributed()
+    init_distributed(cfg.training.arguments.get("ddp_timeout", 1800))
     out_dir = Path(out_dir)
     inputs = model_folders(cfg.model)
     fingerprint = run_fingerprint(cfg, world_size=world_size(), sharding=sharding)

@@ -22,8 +22,12 @@ class StageRecord:
     first_loss: float | None
     last_loss: float | None
     freezer_bytes: int
+    """Bytes the freezer holds (the largest process's, when sharded)."""
     ranks_agree: bool | None = None
-    """Multi-process runs: every rank froze the same entries and ended with the same weights."""
+    """Multi-process runs: every rank froze the same entries and ended with the same weights
+    (sharded: the processes' shards enforce every frozen entry exactly once)."""
+    masked_gradients: int = 0
+    """Gradient-masking hook calls (all processes): the masking ran, not only the restore."""
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 

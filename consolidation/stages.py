@@ -149,7 +149,7 @@ def consolidate(
     """
     cfg = config if isinstance(config, ConsolidationConfig) else load_consolidation_config(config)
     sharding = requested_sharding(cfg.training.arguments)
-    init_distributed()
+    init_distributed(cfg.training.arguments.get("ddp_timeout", 1800))
     out_dir = Path(out_dir)
     plan = CorePlan.load(cfg.plan_path)
     check_data_keys(cfg, plan)
@@ -282,6 +282,7 @@ def _consolidate(run: _Run) -> list[StageRecord]:
             first_loss=history[0][1] if history else None,
             last_loss=history[-1][1] if history else None,
             freezer_bytes=int(summed(freezer.stored_bytes, op="max")),
+            masked_gradients=int(summed(freezer.masked_gradients)),
             ranks_agree=agree,
             losses=history,
         )

@@ -38,8 +38,18 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def torchrun(port: int) -> list[str]:
-    return ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+def free_port() -> int:
+    """A TCP port nobody listens on now (so that runs sharing a machine do not collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun() -> list[str]:
+    port = str(free_port())
+    return ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
 
 
 def launch(launcher: list[str], cfg: Path, out: Path, *extra: str, env=None, wait=True):
@@ -105,6 +115,8 @@ def check_stages(report: dict, out: Path, merged: Path) -> None:
         for name in now:
             moved += int((now[name] != previous[name]).sum())
         assert moved > 0.5 * sum(v.numel() for v in now.values()) - stage["frozen_entries"]
+        if stage["frozen_entries"]:  # the gradients were masked, not only the values restored
+            assert stage["masked_gradients"] > 0
         previous = now
 
 
@@ -115,7 +127,7 @@ def straight(world, tmp_path_factory):
     training = {**FSDP_KEYS, "save_steps": 1}
     cfg = consolidation_config(root, world, samples_per_task=8, training=training)
     out = root / "straight"
-    launch(torchrun(29531), cfg, out)
+    launch(torchrun(), cfg, out)
     return cfg, out
 
 
@@ -141,13 +153,18 @@ def test_fsdp_freezes_exactly_and_matches_one_process(world, straight, tmp_path)
 
 
 @pytest.mark.fsdp
-def test_fsdp_resume_equals_the_uninterrupted_run(straight, tmp_path):
-    """Killed inside stage 2 (every process), resumed from its sharded checkpoint."""
+@pytest.mark.parametrize(
+    ("pause_at", "resumed_from"),
+    [("stage-2:step-2", "stage-2/checkpoint-1"), ("stage", "stage-1/done")],
+    ids=["inside-a-stage", "between-stages"],
+)
+def test_fsdp_resume_equals_the_uninterrupted_run(straight, tmp_path, pause_at, resumed_from):
+    """Killed (every process) inside stage 2, or right after stage 1; resumed from shards."""
     cfg, done = straight
     out = tmp_path / "resumed"
     marker = tmp_path / "paused"
-    env = {"CPI_PAUSE_AT": "stage-2:step-2", "CPI_PAUSE_MARKER": str(marker)}
-    proc = launch(torchrun(29532), cfg, out, env=env, wait=False)
+    env = {"CPI_PAUSE_AT": pause_at, "CPI_PAUSE_MARKER": str(marker)}
+    proc = launch(torchrun(), cfg, out, env=env, wait=False)
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -155,9 +172,11 @@ def test_fsdp_resume_equals_the_uninterrupted_run(straight, tmp_path):
     kill_every_process_of(str(out))  # the launcher and its workers (their own sessions)
     proc.wait()
     work = out.parent / f".{out.name}.work"
-    assert (work / "stage-2" / "checkpoint-1" / "sharded" / ".metadata").exists()
+    assert (work / resumed_from / "sharded" / ".metadata").exists()
+    if pause_at == "stage":  # nothing of stage 2 was saved: it restarts from stage 1's end
+        assert not (work / "stage-2").exists()
     assert not out.exists()
-    launch(torchrun(29533), cfg, out, "--resume")
+    launch(torchrun(), cfg, out, "--resume")
     a, b = weights(done), weights(out)
     assert a.keys() == b.keys() and all(torch.equal(as_bits(a[k]), as_bits(b[k])) for k in a)
 
@@ -171,7 +190,7 @@ machine_rank: 0
 main_training_function: main
 mixed_precision: bf16
 use_cpu: true
-main_process_port: 29534
+main_process_port: {port}
 fsdp_config:
   fsdp_version: 2
 """
@@ -186,7 +205,7 @@ def test_accelerate_fsdp2_config_bf16_tied(tmp_path_factory):
     world = build_world(root, tied=True, dtype="bfloat16")
     cfg = consolidation_config(root, world, samples_per_task=8)  # no fsdp keys: the launcher
     accelerate = root / "fsdp2.yaml"
-    accelerate.write_text(ACCELERATE_FSDP2_CPU)
+    accelerate.write_text(ACCELERATE_FSDP2_CPU.format(port=free_port()))
     out = root / "out"
     launch(["-m", "accelerate.commands.launch", "--config_file", str(accelerate)], cfg, out)
     report = json.loads((out / "consolidation_report.json").read_text())
@@ -222,7 +241,7 @@ def test_fsdp_probes_match_one_process(world, tmp_path):
         return tmp_path / name
 
     sharded = tmp_path / "sharded"
-    cmd = [sys.executable, *torchrun(29535), "-m", "consolidation.cli", "probe"]
+    cmd = [sys.executable, *torchrun(), "-m", "consolidation.cli", "probe"]
     cmd += [str(config("fsdp.yml", **FSDP_KEYS)), str(sharded), "-q"]
     run = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}

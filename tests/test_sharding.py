@@ -105,3 +105,22 @@ def test_deepspeed_config_fails_before_any_training(world, tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="DeepSpeed"):
         stages.consolidate(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_keys_in_a_single_process_train_the_whole_model(world, tmp_path, monkeypatch):
+    """No launcher: nothing to shard; the keys are not handed to the Trainer (which refuses
+    fsdp outside distributed training), and the run trains as usual."""
+    import consolidation.stages as stages
+
+    from helpers.consolidation_world import consolidation_config
+
+    monkeypatch.delenv("WORLD_SIZE")
+    training = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}
+    cfg = consolidation_config(tmp_path, world, training=training)
+    records = stages.consolidate(cfg, tmp_path / "out", progress=False)
+    from cpi_merge.analysis.plan import CorePlan
+
+    assert len(records) == len(CorePlan.load(world["merged"]).groups)
+    assert all(r.steps > 0 for r in records)
+    report = (tmp_path / "out" / "consolidation_report.json").read_text()
+    assert '"sharding": null' in report

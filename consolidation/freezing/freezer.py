@@ -77,8 +77,11 @@ class ExactFreezer:
                 continue
             self.params[name] = p
             self.positions[name] = pos
-            self.values[name] = local_tensor(p).detach().reshape(-1)[pos.long()].clone()
+            self.values[name] = local_tensor(p).detach().reshape(-1)[pos.long()].cpu()
         self._handles: list = []
+        self._moved: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masked_gradients = 0
+        """Gradient hook calls so far (evidence that the masking ran, not only the restore)."""
 
     @property
     def frozen_entries(self) -> int:
@@ -119,12 +122,27 @@ class ExactFreezer:
             handle.remove()
         self._handles = []
 
-    def _grad_hook(self, name: str):
-        pos = self.positions[name]
+    def _on(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (int64) and values of ``name`` on ``device`` (a GPU copy is kept once).
 
+        The stored copy stays in CPU memory as int32; where the parameter lives elsewhere
+        (the Trainer moves the model to the GPU after the freezer is built, FSDP shards
+        live on their device) the copy there is made once and reused.
+        """
+        pos, values = self.positions[name], self.values[name]
+        if device == pos.device:
+            return pos.long(), values
+        moved = self._moved.get((name, device))
+        if moved is None:
+            moved = self._moved[(name, device)] = (pos.to(device, torch.long), values.to(device))
+        return moved
+
+    def _grad_hook(self, name: str):
         def hook(param: nn.Parameter) -> None:
             if param.grad is not None:
-                local_tensor(param.grad).view(-1).index_fill_(0, pos.long(), 0.0)
+                grad = local_tensor(param.grad)
+                grad.view(-1).index_fill_(0, self._on(name, grad.device)[0], 0.0)
+                self.masked_gradients += 1
 
         return hook
 
@@ -136,7 +154,8 @@ class ExactFreezer:
     def restore(self) -> None:
         """Write the stored values back into the frozen entries."""
         for name, p in self.params.items():
-            local_tensor(p).view(-1).index_copy_(0, self.positions[name].long(), self.values[name])
+            local = local_tensor(p)
+            local.view(-1).index_copy_(0, *self._on(name, local.device))
 
     @torch.no_grad()
     def _zero_moments(self, optimizer: torch.optim.Optimizer) -> None:
@@ -147,7 +166,8 @@ class ExactFreezer:
             for key in _MOMENT_KEYS:
                 moment = state.get(key)
                 if isinstance(moment, torch.Tensor) and moment.shape == p.shape:
-                    local_tensor(moment).view(-1).index_fill_(0, self.positions[name].long(), 0.0)
+                    local = local_tensor(moment)
+                    local.view(-1).index_fill_(0, self._on(name, local.device)[0], 0.0)
 
     def drift(self) -> int:
         """Frozen entries of this process whose bits differ from the stored values.
@@ -156,7 +176,8 @@ class ExactFreezer:
         """
         changed = 0
         for name, p in self.params.items():
-            now = local_tensor(p).detach().reshape(-1)[self.positions[name].long()]
+            local = local_tensor(p).detach()
+            now = local.reshape(-1)[self._on(name, local.device)[0]].cpu()
             changed += int((as_bits(now) != as_bits(self.values[name])).sum())
         return changed
 

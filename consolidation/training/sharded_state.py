@@ -14,6 +14,10 @@ import torch
 
 SHARDED_DIR = "sharded"
 """Subfolder of a checkpoint or stage end holding the distributed checkpoint."""
+PARAM_GROUPS_FILE = "param_groups.pt"
+"""The optimizer's hyperparameters per group (lr, initial_lr, betas...), beside it: a
+distributed checkpoint only fills the keys a fresh optimizer already has, and a fresh
+one has no ``initial_lr``, which the next stage's scheduler starts from."""
 
 
 def is_sharded_model(model: torch.nn.Module) -> bool:
@@ -28,9 +32,14 @@ def save_sharded(model: torch.nn.Module, optimizer, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from consolidation.training.distributed import is_main_process
+
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     weights, moments = get_state_dict(model, optimizer)
     dcp.save({"model": weights, "optim": moments}, checkpoint_id=str(Path(folder) / SHARDED_DIR))
+    if is_main_process():  # the same on every process
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        torch.save(groups, Path(folder) / PARAM_GROUPS_FILE)
 
 
 def load_sharded(model: torch.nn.Module, optimizer, folder: Path) -> None:
@@ -49,3 +58,6 @@ def load_sharded(model: torch.nn.Module, optimizer, folder: Path) -> None:
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
+    saved = torch.load(Path(folder) / PARAM_GROUPS_FILE, weights_only=True)
+    for group, hyperparameters in zip(optimizer.param_groups, saved, strict=True):
+        group.update(hyperparameters)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ FSDP_KEYS = ("fsdp", "fsdp_config")
 """TrainingArguments fields this tool reads instead of handing them to the Trainer."""
 _FSDP_OPTIONS = {"full_shard", "auto_wrap", "offload"}
 _HONOURED_CONFIG = {"version", "fsdp_version", "offload_params", "cpu_offload"}
+_HONOURED_VARIABLES = {"FSDP_VERSION", "FSDP_OFFLOAD_PARAMS"}
 _TRUE = {"1", "true", "yes"}
 
 
@@ -111,8 +114,11 @@ def _from_training_keys(fsdp: Any, config: Any, arguments: dict[str, Any]) -> Sh
     if ignored:
         LOG.warning(
             "training.fsdp_config keys %s are decided by transformers' FSDP2 plan (every decoder "
-            "layer and the root are sharded) and are ignored",
+            "layer and the root are sharded) and are ignored%s",
             ignored,
+            "; for activation checkpointing set training.gradient_checkpointing: true"
+            if "activation_checkpointing" in ignored
+            else "",
         )
     offload = "offload" in options or bool(config.get("offload_params", config.get("cpu_offload")))
     return Sharding("training.fsdp", _bf16(arguments), offload)
@@ -133,6 +139,16 @@ def _from_accelerate(env: os._Environ, arguments: dict[str, Any]) -> Sharding:
             "(bf16 compute, fp32 master weights) or no"
         )
     offload = env.get("FSDP_OFFLOAD_PARAMS", "false").lower() in _TRUE
+    ignored = sorted(k for k in env if k.startswith("FSDP_") and k not in _HONOURED_VARIABLES)
+    if ignored:
+        LOG.warning(
+            "accelerate FSDP settings %s are decided by transformers' FSDP2 plan (every "
+            "decoder layer and the root are sharded) and are ignored%s",
+            ignored,
+            "; for activation checkpointing set training.gradient_checkpointing: true"
+            if "FSDP_ACTIVATION_CHECKPOINTING" in ignored
+            else "",
+        )
     return Sharding("accelerate launch", precision == "bf16" or _bf16(arguments), offload)
 
 
@@ -150,10 +166,22 @@ def unsharded_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in arguments.items() if k not in FSDP_KEYS}
 
 
-def keep_accelerate_from_wrapping() -> None:
-    """Tell accelerate (inside the Trainer) not to wrap the already sharded model again.
+@contextmanager
+def accelerate_kept_from_wrapping() -> Iterator[None]:
+    """While a stage trains, tell accelerate not to treat the sharded model as its own FSDP.
 
     ``accelerate launch`` passes its FSDP config as environment variables, which the
-    Trainer's ``Accelerator`` would read (on GPU) and use to shard the model a second time.
+    Trainer's ``Accelerator`` reads when it is built (on GPU it would shard the model a
+    second time) and again while training (FSDP1-style gradient clipping). The variable
+    is restored afterwards, so a later run in the same process still sees what the
+    launcher asked for.
     """
+    before = os.environ.get("ACCELERATE_USE_FSDP")
     os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = before

@@ -14,6 +14,7 @@ loads those in place of the Trainer's whole-model loading, which cannot fill sha
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from consolidation.config import TrainingConfig
 from consolidation.training.checkpoints import MarkComplete, latest_complete_checkpoint
 from consolidation.training.distributed import launched_world_size
 from consolidation.training.sharded_state import is_sharded_model, load_sharded, save_sharded
-from consolidation.training.sharding import keep_accelerate_from_wrapping
+from consolidation.training.sharding import accelerate_kept_from_wrapping
 from cpi_merge.faults import pause_point
 
 SCHEDULER_FILE = "scheduler.pt"
@@ -40,6 +41,14 @@ class StepPausePoints(TrainerCallback):
 
 class StageTrainer(Trainer):
     """The Trainer, with whole checkpoints for a model sharded at load time (see above)."""
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Save the model; a sharded one's checkpoints skip it (the shards are enough)."""
+        if _internal_call and is_sharded_model(self.model):
+            # a gathered copy per checkpoint would cost a whole model of writing
+            Path(output_dir or self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            return
+        super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)  # weights (gathered) and trainer state
@@ -107,22 +116,23 @@ def run_stage(
         ddp_backend="gloo" if gloo else None,
         sharded=sharded,
     )
-    if sharded:
-        keep_accelerate_from_wrapping()
-    trainer = StageTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collate,
-        optimizers=(optimizer, None),
-        callbacks=[MarkComplete(), StepPausePoints(), *(callbacks or [])],
-    )
-    if not progress:  # quiet runs: no per-step dicts printed on stdout
-        from transformers.trainer_callback import PrinterCallback
+    # accelerate reads its FSDP variables while the Trainer is built and while it trains
+    # (gradient clipping): for the whole stage they say "not FSDP", then are restored.
+    with accelerate_kept_from_wrapping() if sharded else nullcontext():
+        trainer = StageTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collate,
+            optimizers=(optimizer, None),
+            callbacks=[MarkComplete(), StepPausePoints(), *(callbacks or [])],
+        )
+        if not progress:  # quiet runs: no per-step dicts printed on stdout
+            from transformers.trainer_callback import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)
-    checkpoint = latest_complete_checkpoint(output_dir) if resume else None
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            trainer.remove_callback(PrinterCallback)
+        checkpoint = latest_complete_checkpoint(output_dir) if resume else None
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer
 
 
