@@ -29,6 +29,7 @@ def exact_match(
         Accuracy in [0, 1].
     """
     model.eval()
+    device = getattr(model, "device", torch.device("cpu"))  # a test double may have none
     correct = 0
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     for start in range(0, len(rows), batch_size):
@@ -43,13 +44,13 @@ def exact_match(
             ids[i, width - len(e) :] = torch.tensor(e)
             mask[i, width - len(e) :] = 1
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
         correct += sum(t.strip() == r["completion"] for t, r in zip(texts, chunk, strict=True))
     return correct / max(1, len(rows))

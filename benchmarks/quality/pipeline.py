@@ -3,51 +3,79 @@
 Probes (``run_probes``), analysis (``analyze``), the cpi fusion (``merge``), consolidation
 and every fine-tuned baseline (``consolidate``) are the product code paths a user runs;
 task arithmetic, TIES and Multi-SLERP are mergekit's own methods on the same probes.
-Every model folder is evaluated by exact match on the held-out prompts of every task.
+Every model folder is scored by :class:`~benchmarks.quality.scoring.Scorer`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from benchmarks.quality.scoring import Scorer, drop_weights
 from benchmarks.quality.world import Setting, task_data, training
 
 
 class SeedRun:
     """All the models of one seed, made on demand and cached on disk."""
 
-    def __init__(self, root: Path, setting: Setting, seed: int, base: Path, *, progress=False):
+    def __init__(
+        self,
+        root: Path,
+        setting: Setting,
+        seed: int,
+        base: Path,
+        *,
+        progress: bool = False,
+        device: str = "cpu",
+    ):
         self.root = root / f"seed{seed}"
         self.root.mkdir(parents=True, exist_ok=True)
         self.s = setting
         self.seed = seed
         self.base = base
         self.progress = progress
+        self.device = device
         self.pools, self.held_out = task_data(root, setting, seed)
-        self._tokenizer = None
-        self._scores: dict[str, dict[str, float]] = {}
+        self.scorer = Scorer(setting, base, self.held_out, root / "scores.json", device)
+        self.timings: dict[str, dict] = {}
+        """Per model made in this process: wall seconds and optimizer steps (if trained)."""
+
+    @contextmanager
+    def _timed(self, name: str):
+        started = time.perf_counter()
+        record: dict = {}
+        yield record
+        self.timings[name] = {"seconds": round(time.perf_counter() - started, 1), **record}
 
     # ---- evaluation -------------------------------------------------------------------
-    def score(self, folder: Path) -> dict[str, float]:
-        """Exact-match accuracy per task (and the average) of a model folder."""
-        key = str(folder)
-        if key not in self._scores:
-            from transformers import AutoModelForCausalLM
+    def score(self, folder: Path, *, keep: bool = False) -> dict[str, float]:
+        """Scores of a model folder (see :class:`Scorer`); its weights go unless ``keep``.
 
-            from benchmarks.quality.evaluate import exact_match
-            from consolidation.models import load_tokenizer
+        Weights are deleted only when the setting says so (``keep_weights: false``), and
+        never the base's, the probes' or a fusion's (later rows read them).
+        """
+        scores = self.scorer(folder)
+        if not (keep or self.s.keep_weights or Path(folder) == Path(self.base)):
+            drop_weights(folder)
+        return scores
 
-            if self._tokenizer is None:
-                self._tokenizer = load_tokenizer(self.base)
-            model = AutoModelForCausalLM.from_pretrained(str(folder))
-            accs = {t: exact_match(model, self._tokenizer, self.held_out[t]) for t in self.s.tasks}
-            accs["avg"] = sum(accs.values()) / len(self.s.tasks)
-            self._scores[key] = accs
-        return self._scores[key]
+    def diagnostics(self, plan: Path) -> dict:
+        """The plan's merge-ability diagnostics (issue 14 part 1), as plain numbers."""
+        doc = json.loads(Path(plan).read_text())
+        keys = ("relative_update_norm", "core_energy_share", "p_holding", "energy_curve")
+        return {
+            "tasks": {t["name"]: {k: t.get(k) for k in keys} for t in doc["tasks"]},
+            "names": [t["name"] for t in doc["tasks"]],
+            **{
+                k: doc.get(k)
+                for k in ("task_cosine", "sign_conflict_rate", "jaccard", "groups", "verdict")
+            },
+        }
 
     # ---- stage 1: probes ------------------------------------------------------------
     def probes(self) -> dict[str, Path]:
@@ -60,16 +88,18 @@ class SeedRun:
                 "model": str(self.base),
                 "data": {t: str(self.pools[t]) for t in self.s.tasks},
                 "seed": self.seed,
-                "training": training(self.s.probe_steps, self.s.probe_lr, self.s.batch),
+                "training": training(
+                    self.s.probe_steps,
+                    self.s.probe_lr,
+                    self.s.batch,
+                    max_length=self.s.max_length,
+                ),
             }
             path = self._yaml("probe.yml", cfg)
-            run_probes(path, out, force=True, progress=self.progress)
+            with self._timed("probes") as record:
+                report = run_probes(path, out, force=True, progress=self.progress)
+                record["steps"] = sum(r["steps"] for r in report.values())
         return {t: out / t for t in self.s.tasks}
-
-    def relative_norms(self) -> dict[str, float]:
-        """‖θi − θ0‖ / ‖θ0‖ of every probe (from the probes' report)."""
-        report = json.loads((self.root / "probes" / "probes_report.json").read_text())
-        return {t: report[t]["relative_update_norm"] for t in self.s.tasks}
 
     # ---- stages 2-3: analysis and merges ----------------------------------------------
     def _cpi_recipe(self, models: list[Path], core_fraction: float, tau: float) -> dict:
@@ -92,7 +122,9 @@ class SeedRun:
             recipe = self._yaml(
                 f"cpi_p{p:g}.yml", self._cpi_recipe(list(self.probes().values()), p, self.s.tau)
             )
-            merge(recipe, out, force=True, seed=self.seed, options=MergeOptions(quiet=True))
+            options = MergeOptions(quiet=True, cuda=self.device == "cuda")
+            with self._timed(out.name):
+                merge(recipe, out, force=True, seed=self.seed, options=options)
         return out
 
     def plan(
@@ -113,9 +145,16 @@ class SeedRun:
             from cpi_merge.commands import analyze
 
             recipe = self._yaml(f"{name}.yml", self._cpi_recipe(models, p, tau))
-            analyze(
-                recipe, out, seed=self.seed, order=order, force=True, progress=False, plots=False
-            )
+            with self._timed(name):
+                analyze(
+                    recipe,
+                    out,
+                    seed=self.seed,
+                    order=order,
+                    force=True,
+                    progress=False,
+                    plots=False,
+                )
         return out / "cpi_plan.json"
 
     def mergekit(self, method: str) -> Path:
@@ -146,11 +185,12 @@ class SeedRun:
         from mergekit.merge import MergeOptions, run_merge
 
         shutil.rmtree(out, ignore_errors=True)
-        run_merge(
-            MergeConfiguration.model_validate(recipe),
-            str(out),
-            options=MergeOptions(quiet=True, copy_tokenizer=True),
-        )
+        with self._timed(out.name):
+            run_merge(
+                MergeConfiguration.model_validate(recipe),
+                str(out),
+                options=MergeOptions(quiet=True, copy_tokenizer=True, cuda=self.device == "cuda"),
+            )
         return out
 
     # ---- stage 4 and the fine-tuned baselines ----------------------------------------
@@ -166,6 +206,7 @@ class SeedRun:
         steps_per_task: int | None = None,
         lr: float | None = None,
         optimizer_state: str = "carry",
+        save_stages: bool = False,
         data=None,
     ) -> Path:
         """A run of the product's consolidation (stages, freezing, budget per task)."""
@@ -182,7 +223,7 @@ class SeedRun:
             "data": {t: str(data[t]) for t in names},
             "samples_per_task": samples or self.s.samples_per_task,
             "seed": self.seed,
-            "save_stages": True,
+            "save_stages": save_stages,
             "freeze": freeze,
             "stages": stages,
             "training": training(
@@ -191,10 +232,15 @@ class SeedRun:
                 self.s.batch,
                 steps_per_task=steps_per_task or self.s.consolidation_steps_per_task,
                 optimizer_state=optimizer_state,
+                max_length=self.s.max_length,
                 logging_steps=5,
             ),
         }
-        consolidate(self._yaml(f"{name}.yml", cfg), out, force=True, progress=self.progress)
+        with self._timed(name) as record:
+            records = consolidate(
+                self._yaml(f"{name}.yml", cfg), out, force=True, progress=self.progress
+            )
+            record["steps"] = sum(r.steps for r in records)
         return out
 
     def _yaml(self, name: str, doc: dict) -> Path:

@@ -1,128 +1,27 @@
 """The quality benchmark, one command: every row of the comparison, over several seeds.
 
-    python -m benchmarks.quality.run              # the full run (~40-60 min on 2 CPU cores)
-    python -m benchmarks.quality.run --quick      # a few-minute smoke test (CI)
+    python -m benchmarks.quality.run                         # toy model, 3 seeds (~12 min)
+    python -m benchmarks.quality.run --quick                 # toy smoke test (CI)
+    python -m benchmarks.quality.run --model smollm2 --seeds 1    # SmolLM2-135M, one seed
+    python -m benchmarks.quality.run --model smollm2 --quick      # its smoke test
+    python -m benchmarks.quality.run --model smollm2 --device cuda
 
-Writes ``<out>/results.json`` (every number, per seed), ``<out>/results.md`` (the tables)
-and ``<out>/tau_sweep.png`` / ``<out>/p_sweep.png``. See benchmarks/RESULTS.md for a run.
+Writes ``<out>/results.json`` (every number, per seed, with the machine), ``<out>/
+results.md`` (the tables) and, for the toy, ``<out>/tau_sweep.png`` / ``p_sweep.png``.
+See benchmarks/RESULTS.md for runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.quality.pipeline import SeedRun
-from benchmarks.quality.report import write_markdown, write_sweep_plots
-from benchmarks.quality.world import FULL, QUICK, Setting, pretrained_base
-
-
-def main_rows(run: SeedRun) -> dict[str, dict[str, float]]:
-    """The headline table for one seed: row name -> accuracy per task and average."""
-    s = run.s
-    rows = {"base θ0": run.score(run.base)}
-    for task, folder in run.probes().items():
-        rows[f"probe: {task}"] = run.score(folder)
-    fused = run.fused()
-    plan = fused / "cpi_plan.json"
-    budget = s.probe_steps + s.consolidation_steps_per_task  # per task, as CPI-FT spends
-    sft = dict(
-        model=run.base,
-        plan=plan,
-        freeze="none",
-        samples=s.n_train,
-        steps_per_task=budget,
-        lr=s.probe_lr,
-    )
-    rows["Full SFT (multi-task)"] = run.score(run.consolidate("full_sft", stages="single", **sft))
-    rows["Multi-stage SFT (random order, same groups)"] = run.score(
-        run.consolidate("multistage_sft", **sft)
-    )
-    rows["mergekit task arithmetic"] = run.score(run.mergekit("task_arithmetic"))
-    rows["mergekit TIES"] = run.score(run.mergekit("ties"))
-    rows["mergekit Multi-SLERP"] = run.score(run.mergekit("multislerp"))
-    rows["CPI fusion alone"] = run.score(fused)
-    rows["CPI-FT (fusion + consolidation)"] = run.score(
-        run.consolidate("cpi_ft", model=fused, plan=plan, freeze="previous_groups")
-    )
-    rows["CPI-FT, τ = 0 (no grouping)"] = run.score(
-        run.consolidate("cpi_ft_tau0", model=fused, plan=run.plan(0.0), freeze="previous_groups")
-    )
-    rows["control: fusion + same data, nothing frozen"] = run.score(
-        run.consolidate("ctrl_fused_nofreeze", model=fused, plan=plan, freeze="none")
-    )
-    rows["control: θ0 + same data"] = run.score(
-        run.consolidate("ctrl_base", model=run.base, plan=plan, freeze="none")
-    )
-    return rows
-
-
-def forgetting_rows(run: SeedRun) -> dict[str, dict[str, float]]:
-    """A → B sequential fine-tuning: drop on A and gain on B after the B stage."""
-    s = run.s
-    a, b = s.forgetting_pair
-    probes = run.probes()
-    plan = run.plan(1.0, models=[probes[a], probes[b]], order="given", name="plan_forgetting")
-    rows = {}
-    for label, name, freeze, optimizer in [
-        ("Full SFT (A then B, fresh optimizer)", "forget_full", "none", "reset"),
-        ("Multi-stage SFT (A then B, optimizer carried)", "forget_multistage", "none", "carry"),
-        ("CPI-FT (core of A frozen while B trains)", "forget_cpi", "previous_groups", "carry"),
-    ]:
-        out = run.consolidate(
-            name,
-            model=run.base,
-            plan=plan,
-            freeze=freeze,
-            samples=s.n_train,
-            steps_per_task=s.probe_steps,
-            lr=s.probe_lr,
-            optimizer_state=optimizer,
-        )
-        after_a, after_b = run.score(out / "stages" / "1"), run.score(out)
-        rows[label] = {
-            "A after A": after_a[a],
-            "A after B": after_b[a],
-            "drop on A": after_b[a] - after_a[a],
-            "B after A": after_a[b],
-            "B after B": after_b[b],
-            "gain on B": after_b[b] - after_a[b],
-        }
-    return rows
-
-
-def sweeps(run: SeedRun) -> dict[str, dict[str, float]]:
-    """CPI-FT average accuracy over τ, and fusion / CPI-FT over p."""
-    s = run.s
-    fused = run.fused()
-    out: dict[str, dict[str, float]] = {"tau": {}, "p_fusion": {}, "p_cpi_ft": {}}
-    seen: dict[str, float] = {}
-    for tau in s.tau_sweep:
-        plan = run.plan(tau)
-        groups = json.dumps(json.loads(plan.read_text())["groups"])
-        if groups not in seen:  # same groups, same stages: the same run
-            seen[groups] = run.score(
-                run.consolidate(
-                    f"sweep_tau{tau:g}", model=fused, plan=plan, freeze="previous_groups"
-                )
-            )["avg"]
-        out["tau"][f"{tau:g}"] = seen[groups]
-    for p in s.p_sweep:
-        fused_p = run.fused(p)
-        out["p_fusion"][f"{p:g}"] = run.score(fused_p)["avg"]
-        out["p_cpi_ft"][f"{p:g}"] = run.score(
-            run.consolidate(
-                f"sweep_p{p:g}",
-                model=fused_p,
-                plan=fused_p / "cpi_plan.json",
-                freeze="previous_groups",
-            )
-        )["avg"]
-    return out
+SETTINGS = ("toy", "smollm2")
 
 
 def aggregate(per_seed: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -137,41 +36,115 @@ def aggregate(per_seed: list[dict]) -> dict[str, dict[str, tuple[float, float]]]
     return result
 
 
+def same_runs(seeds: dict[int, dict]) -> dict[str, dict]:
+    """Rows that repeated another row's run: ``{row: {"as": other row, "seeds": [...]}}``."""
+    same: dict[str, dict] = {}
+    for seed, result in seeds.items():
+        for row, source in result["same_run"].items():
+            same.setdefault(row, {"as": source, "seeds": []})["seeds"].append(seed)
+    return same
+
+
+def _setting(model: str, quick: bool, seeds: int | None):
+    if model == "smollm2":
+        from benchmarks.quality.smollm2_world import SMOLLM2, SMOLLM2_QUICK
+
+        setting = SMOLLM2_QUICK if quick else SMOLLM2
+    else:
+        from benchmarks.quality.world import FULL, QUICK
+
+        setting = QUICK if quick else FULL
+    if seeds is not None:
+        setting = replace(setting, seeds=tuple(range(seeds)))
+    return setting
+
+
+def _base(setting, out: Path, progress: bool) -> Path:
+    if setting.model == "smollm2":
+        from benchmarks.quality.smollm2_world import smollm2_base
+
+        return smollm2_base(out / "cache")
+    from benchmarks.quality.world import pretrained_base
+
+    return pretrained_base(out / "cache", setting, progress=progress)
+
+
+def run_seed(out: Path, setting, seed: int, base: Path, device: str, progress: bool) -> dict:
+    """Every row of one seed, with the diagnostics of its plans and its wall time."""
+    from benchmarks.quality.pipeline import SeedRun
+    from benchmarks.quality.rows import forgetting_plan, forgetting_rows, main_rows, sweeps
+
+    started = time.time()
+    run = SeedRun(out, setting, seed, base, progress=progress, device=device)
+    main, same = main_rows(run)
+    result = {
+        "main": main,
+        "same_run": same,
+        "forgetting": forgetting_rows(run),
+        "sweeps": sweeps(run),
+        "diagnostics": run.diagnostics(run.fused() / "cpi_plan.json"),
+        "forgetting_diagnostics": run.diagnostics(forgetting_plan(run)),
+    }
+    result["timings"] = run.timings
+    result["scoring"] = {"models": run.scorer.scored, "seconds": round(run.scorer.seconds, 1)}
+    trained = [t for t in run.timings.values() if t.get("steps")]
+    if trained:  # includes loading, core streaming and saving: an upper bound per step
+        seconds = sum(t["seconds"] for t in trained)
+        result["seconds_per_step"] = round(seconds / sum(t["steps"] for t in trained), 2)
+    result["minutes"] = round((time.time() - started) / 60, 1)
+    return result
+
+
 def main() -> None:
+    """Parse the command line, run every seed, write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Small smoke test (a few minutes).")
+    parser.add_argument("--model", choices=SETTINGS, default="toy", help="Which world.")
+    parser.add_argument("--quick", action="store_true", help="Small smoke test (minutes).")
+    parser.add_argument("--seeds", type=int, default=None, help="Run seeds 0..N-1 only.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
-        "--out",
-        type=Path,
+        "--out", type=Path, default=None, help="Output folder (default bench_workdir/quality*)."
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
         default=None,
-        help="Output folder (default bench_workdir/quality[_quick]).",
+        help="torch threads (default: 1 for the toy, whose matrices are too small to share; "
+        "every core for SmolLM2).",
     )
     parser.add_argument("--progress", action="store_true", help="Show training progress bars.")
     args = parser.parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # training too (the Trainer takes any GPU)
+    # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made
+    # a toy step 10x slower (0.85 s instead of 0.09 s, measured). Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
     import transformers
+
+    threads = args.threads or (1 if args.model == "toy" else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+    from benchmarks.quality.machine import machine_info
+    from benchmarks.quality.report import write_markdown, write_sweep_plots
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    setting: Setting = QUICK if args.quick else FULL
-    out = args.out or Path("bench_workdir") / ("quality_quick" if args.quick else "quality")
+    setting = _setting(args.model, args.quick, args.seeds)
+    name = "quality" + ("" if args.model == "toy" else f"_{args.model}")
+    out = args.out or Path("bench_workdir") / (name + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(args.device)
+    print(f"machine: {machine['summary']}", flush=True)
     started = time.time()
-
-    base = pretrained_base(out / "cache", setting, progress=args.progress)
+    base = _base(setting, out, args.progress)
     print(f"base ready ({time.time() - started:.0f} s): {base}", flush=True)
     seeds = {}
     for seed in setting.seeds:
-        run = SeedRun(out, setting, seed, base, progress=args.progress)
-        seeds[seed] = {
-            "main": main_rows(run),
-            "forgetting": forgetting_rows(run),
-            "sweeps": sweeps(run),
-            "relative_norms": run.relative_norms(),
-            "groups": json.loads((run.fused() / "cpi_plan.json").read_text())["groups"],
-            "jaccard": json.loads((run.fused() / "cpi_plan.json").read_text())["jaccard"],
-        }
+        seeds[seed] = run_seed(out, setting, seed, base, args.device, args.progress)
         print(
-            f"seed {seed} done ({time.time() - started:.0f} s): CPI-FT avg "
+            f"seed {seed} done in {seeds[seed]['minutes']} min: CPI-FT avg "
             f"{seeds[seed]['main']['CPI-FT (fusion + consolidation)']['avg']:.3f}",
             flush=True,
         )
@@ -179,24 +152,22 @@ def main() -> None:
     ordered = [seeds[s] for s in setting.seeds]
     summary = {
         "setting": setting.as_dict(),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{__import__('os').cpu_count()} cores",
+        "machine": machine,
+        "load_average_end": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d"),
         "minutes": round((time.time() - started) / 60, 1),
         "main": aggregate([s["main"] for s in ordered]),
+        "same_run": same_runs(seeds),
         "forgetting": aggregate([s["forgetting"] for s in ordered]),
-        "sweeps": aggregate([s["sweeps"] for s in ordered]),
-        "relative_norms": aggregate([{"norm": s["relative_norms"]} for s in ordered])["norm"],
+        "sweeps": aggregate([s["sweeps"] for s in ordered]) if ordered[0]["sweeps"] else {},
         "per_seed": seeds,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     write_markdown(out / "results.md", summary)
-    write_sweep_plots(out, summary)
+    if summary["sweeps"]:
+        write_sweep_plots(out, summary)
     print((out / "results.md").read_text())
-    print(
-        f"wrote {out}/results.json, results.md, tau_sweep.png, p_sweep.png "
-        f"in {summary['minutes']} min"
-    )
+    print(f"wrote {out}/results.json and results.md in {summary['minutes']} min")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The benchmark's world: settings, the pretrained base (made once, cached), per-seed data.
+"""The toy benchmark's world: settings, the pretrained base (made once, cached), per-seed data.
 
 The base is a small Llama pretrained here on the five tasks, mostly in their spelled-out
 form plus a few tagged examples, so it has the skills, already follows the task tag and
 partly solves every task in the tagged format the fine-tunes then train on: the closest
 offline stand-in for a pretrained LLM being fine-tuned on task formats, small enough to
-run dozens of fine-tunes within an hour on 2 CPU cores.
+run dozens of fine-tunes within an hour on 2 CPU cores. The real model's world (SmolLM2)
+is :mod:`benchmarks.quality.smollm2_world`; both share :class:`Setting`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from benchmarks.quality.tasks import pretraining_mixture, split, write_jsonl
 class Setting:
     """Every knob of a benchmark run (recorded next to its results)."""
 
+    model: str = "toy"
+    """``toy`` (the character-level Llama pretrained here) or ``smollm2``."""
     tasks: tuple[str, ...] = ("rev", "sort", "shift", "kv")
     hidden: int = 128
     layers: int = 4
@@ -47,6 +50,13 @@ class Setting:
     forgetting_pair: tuple[str, str] = ("rev", "sort")
     tau_sweep: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.5)
     p_sweep: tuple[float, ...] = (0.001, 0.01, 0.05)
+    max_length: int = 32
+    """Tokens per training example (longer ones are cut)."""
+    general_windows: int = 0
+    """Windows of held-out general text scored per model (0: none)."""
+    general_window: int = 128
+    keep_weights: bool = True
+    """False: delete a model's weights once it is scored and no later row reads it."""
 
     def base_signature(self) -> str:
         """What the pretrained base depends on (its cache key)."""
@@ -90,14 +100,14 @@ QUICK = replace(
 )
 
 
-def training(steps: int | None, lr: float, batch: int, **extra) -> dict:
+def training(steps: int | None, lr: float, batch: int, *, max_length: int = 32, **extra) -> dict:
     """A ``training:`` section for the product's configs (``steps``: per stage, if given)."""
     section = {
         "learning_rate": lr,
         "per_device_train_batch_size": batch,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
-        "max_length": 32,
+        "max_length": max_length,
         "logging_steps": max(1, (steps or 50) // 10),
         "lr_scheduler_type": "constant",
     }
@@ -108,9 +118,13 @@ def training(steps: int | None, lr: float, batch: int, **extra) -> dict:
 
 def task_data(root: Path, setting: Setting, seed: int) -> tuple[dict[str, Path], dict[str, list]]:
     """Write each task's train pool (seeded) and return it with the held-out rows."""
+    if setting.model == "smollm2":
+        from benchmarks.quality.real_tasks import split as splitter
+    else:
+        splitter = split
     pools, held_out = {}, {}
     for task in setting.tasks:
-        train, evaluation = split(task, setting.n_train, setting.n_eval, seed=seed)
+        train, evaluation = splitter(task, setting.n_train, setting.n_eval, seed=seed)
         pools[task] = write_jsonl(root / f"seed{seed}" / "data" / f"{task}.jsonl", train)
         held_out[task] = evaluation
     return pools, held_out
@@ -159,13 +173,13 @@ def pretrained_base(cache: Path, setting: Setting, *, progress: bool = False) ->
         dataset,
         pad_collate(tokenizer.pad_token_id),
         cfg,
-        output_dir=partial / "run",
+        output_dir=partial / "pretraining",
         optimizer=build_optimizer(model, cfg),
         seed=0,
         progress=progress,
         resume=False,
     )
-    shutil.rmtree(partial / "run", ignore_errors=True)
+    shutil.rmtree(partial / "pretraining", ignore_errors=True)
     save_model(model, tokenizer, partial, torch.float32)
     partial.rename(folder)
     return folder
