@@ -15,6 +15,8 @@ the recipe, so it skips the analysis.
 Usage:
     python -m benchmarks.speed                    # ~0.47B parameters per model (default)
     python -m benchmarks.speed --layers 4         # a quick, smaller run
+    python -m benchmarks.speed --sizes 0.1,0.5,2  # how cost grows (benchmarks/scaling.py)
+    python -m benchmarks.speed --sizes 2 --cache-limit 10   # page cache capped (cgroup)
 """
 
 from __future__ import annotations
@@ -130,7 +132,33 @@ def main() -> None:
     parser.add_argument(
         "--only", help="Comma-separated substrings: time only matching commands (baselines kept)."
     )
+    parser.add_argument(
+        "--sizes",
+        help="Comma-separated model sizes in billions (0.1, 0.5, 2): the scaling table of "
+        "task_arithmetic, cpi-analyze and cpi-merge instead (benchmarks/scaling.py).",
+    )
+    parser.add_argument(
+        "--cache-limit",
+        type=float,
+        metavar="GIB",
+        help="With --sizes: run every command in a memory cgroup of this many GiB.",
+    )
     args = parser.parse_args()
+    if args.sizes:
+        from benchmarks.scaling import run_sizes
+
+        run_sizes(
+            [s.strip() for s in args.sizes.split(",")],
+            args.workdir,
+            args.tasks,
+            args.core_fraction,
+            args.repeat,
+            args.cache_limit,
+            args.json,
+        )
+        return
+    if args.cache_limit is not None:
+        parser.error("--cache-limit needs --sizes")
 
     shape = dataclasses.replace(BENCH_SHAPE, layers=args.layers)
     work = args.workdir.resolve() / f"llama_{args.layers}l_{args.tasks}t"

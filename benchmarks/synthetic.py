@@ -224,6 +224,8 @@ def make_family(
     seed: int = 0,
     shard_bytes: int | None = None,
     names: Sequence[str] | None = None,
+    resume: bool = False,
+    limit: int | None = None,
 ) -> tuple[Path, list[Path]]:
     """Write ``root/base`` and one folder per task spec.
 
@@ -235,6 +237,10 @@ def make_family(
         seed: Seed of the base weights.
         shard_bytes: Shard size limit (None: one file per model).
         names: Folder names of the tasks (default ``task_0``, ``task_1``…).
+        resume: Skip the models a previous call finished (a ``root/.<name>.complete``
+            marker is written after each model): a large family can be made in steps.
+        limit: Write only the first this many models (base first), for making a large
+            family in steps; the folders of all of them are returned.
 
     Returns:
         ``(base folder, task folders)``.
@@ -243,19 +249,21 @@ def make_family(
     root = Path(root)
     config = shape.hf_config(dtype)
     base_dir = root / "base"
-    _write_streamed(
-        base_dir, shape, dtype, config, shard_bytes, lambda name, shp: base_tensor(name, shp, seed)
-    )
+    members = [(base_dir, lambda name, shp: base_tensor(name, shp, seed))]
     task_dirs = []
     for n, spec in enumerate(tasks):
         folder = root / (names[n] if names else f"task_{n}")
-        _write_streamed(
-            folder,
-            shape,
-            dtype,
-            config,
-            shard_bytes,
-            lambda name, shp, spec=spec: task_tensor(name, base_tensor(name, shp, seed), spec),
+        members.append(
+            (
+                folder,
+                lambda name, shp, spec=spec: task_tensor(name, base_tensor(name, shp, seed), spec),
+            )
         )
         task_dirs.append(folder)
+    for folder, value_of in members[: None if limit is None else limit]:
+        done = root / f".{folder.name}.complete"  # outside the folder: not a model file
+        if resume and done.exists():
+            continue
+        _write_streamed(folder, shape, dtype, config, shard_bytes, value_of)
+        done.write_text("ok")
     return base_dir, task_dirs
