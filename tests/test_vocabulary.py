@@ -142,3 +142,35 @@ def test_an_output_vocabulary_that_moves_base_tokens_is_refused(family, tmp_path
     with pytest.raises(CheckpointError, match="other ids"):
         merged(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"tokenizer": {"source": "union"}}, {"tokenizer_source": "task_2"}],
+    ids=["tokenizer-block", "source-model"],
+)
+def test_other_tokenizer_options_give_the_union_merge(family, tmp_path, option):
+    """The `tokenizer:` block and a model as the source (here the one with the added token,
+    so every base token keeps its id) merge exactly like `tokenizer_source: union`."""
+    base, tasks, _ = family
+    if "tokenizer_source" in option:
+        option = {"tokenizer_source": str(tasks[2])}
+    union = recipe_with(tmp_path, base, tasks, tokenizer_source="union")
+    merged(union, tmp_path / "union")
+    doc = yaml.safe_load(union.read_text())
+    del doc["tokenizer_source"]
+    other = tmp_path / "other.yml"
+    other.write_text(yaml.safe_dump(doc | option))
+    merged(other, tmp_path / "other")
+    a, b = load_folder(tmp_path / "union"), load_folder(tmp_path / "other")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chat_template_reaches_the_output_tokenizer(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    base, tasks, _ = family
+    recipe = recipe_with(tmp_path, base, tasks, tokenizer_source="union", chat_template="chatml")
+    merged(recipe, tmp_path / "out")
+    template = AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
+    assert template is not None and "<|im_start|>" in template

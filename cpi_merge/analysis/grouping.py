@@ -2,7 +2,7 @@
 
 Groups are the connected components of the graph with an edge i–j when
 ``S(Ci, Cj) >= tau`` and the cores overlap at all (so ``tau = 0`` joins every pair with
-any overlap, as METHOD.md says, rather than every pair). Within a group, tasks keep
+any overlap, as the method's specification says, rather than every pair). Within a group, tasks keep
 their recipe order. The stage order of the groups is either the recipe order (groups
 ordered by their first task) or a seeded random permutation of it.
 """

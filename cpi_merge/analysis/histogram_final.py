@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cpi_merge.analysis.boundary import resolve_boundary
-from cpi_merge.analysis.core_rule import CoreBoundary
+from cpi_merge.analysis.core_rule import CoreBoundary, core_mask
 from cpi_merge.analysis.histogram_keys import Keyed, classify
 from cpi_merge.analysis.radix import float32_from_bits
 from cpi_merge.analysis.selection import CoreSelection, sorted_intersection
@@ -19,12 +19,13 @@ have it above their bucket; which have a negative update there)."""
 def count_every_tie(chunks, buckets, n: int, n_tensors: int, seed: int) -> CoreSelection:
     """Final pass when every tie is taken and every threshold is known: just count."""
     thresholds = [float32_from_bits(b.fixed[0]) for b in buckets]
+    boundaries = tuple(CoreBoundary(t, seed=seed) for t in thresholds)  # every tie taken
     counts = np.zeros((n, n_tensors), dtype=np.int64)
     intersections = np.zeros((n, n), dtype=np.int64)
     conflicts = np.zeros((n, n), dtype=np.int64)
     energy = [0.0] * n
     for chunk in chunks:
-        masks = [d >= t for d, t in zip(chunk.deltas, thresholds, strict=True)]
+        masks = [core_mask(d, b) for d, b in zip(chunk.deltas, boundaries, strict=True)]
         for i, d in enumerate(chunk.deltas):
             c = int(torch.count_nonzero(masks[i]))
             counts[i, chunk.tensor_index] += c
@@ -36,7 +37,7 @@ def count_every_tie(chunks, buckets, n: int, n_tensors: int, seed: int) -> CoreS
                 conflicts[i, j] += _opposite(chunk, i, j, both)
     ties = tuple(b.at_threshold for b in buckets)
     return CoreSelection(
-        boundaries=tuple(CoreBoundary(t, seed=seed) for t in thresholds),
+        boundaries=boundaries,
         counts=counts,
         intersections=np.triu(intersections) + np.triu(intersections, 1).T,
         at_threshold=ties,

@@ -10,7 +10,9 @@ mapping) or :func:`load_yaml` (a file), so they share the same error format::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,8 +103,28 @@ def validate(
         ) from None
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (YAML documents make no reference cycles)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""``safe_load``'s loader, in C where PyYAML was built with libyaml."""
+
+
 def read_yaml(path: str | Path, *, what: str, error: type[ConfigError] = ConfigError) -> Any:
-    """Read a YAML file with ``yaml.safe_load``.
+    """Read a YAML file safely (``yaml.safe_load``'s rules; libyaml's parser when present).
+
+    Large recipes: PyYAML's pure-Python parser spent ~17 s on a 120,000-entry model list,
+    and Python's garbage collector, scanning the growing document again and again, most
+    of the rest; with libyaml and the collector paused while loading it takes ~2 s.
 
     Raises:
         ConfigError: ``error``: the file is missing or unreadable, or is not YAML.
@@ -115,7 +137,8 @@ def read_yaml(path: str | Path, *, what: str, error: type[ConfigError] = ConfigE
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        return yaml.safe_load(text)
+        with _collector_paused():
+            return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML: {exc}") from None
 
