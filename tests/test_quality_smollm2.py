@@ -35,7 +35,7 @@ def test_every_row_and_diagnostic_of_the_smollm2_benchmark(tmp_path):
     assert set(seed["diagnostics"]["tasks"]) == {"add", "words"}
     assert seed["diagnostics"]["verdict"] and seed["seconds_per_step"] > 0
     assert "drop on A" in next(iter(summary["forgetting"].values()))
-    assert "threads" in summary["machine"]["summary"]
+    assert "thread(s)" in summary["machine"]["summary"]
     assert "general-text loss" in (out / "results.md").read_text()
     # scored models lost their weights; the base, probes and fusion kept theirs
     assert not list((out / "seed0" / "full_sft").glob("*.safetensors"))
