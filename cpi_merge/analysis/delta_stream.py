@@ -56,7 +56,7 @@ class DeltaStream:
         cast: The recipe's ``dtype``: inputs are cast to it first, exactly as mergekit's
             loader does, so the analysis sees the values the merge will see.
         chunk_entries: Float32 scratch size per buffer, in entries.
-        progress: Show a progress bar.
+        progress: Show a progress bar per pass (bytes read, rate and ETA).
         vocabulary: With a tokenizer option: vocabulary tensors are compared by token
             (``tensors`` then carry the analysed shapes).
 
@@ -88,7 +88,21 @@ class DeltaStream:
         self.total = total
         self.chunk_entries = max(1, min(chunk_entries, max((t.numel for t in tensors), default=1)))
         self.stats = UpdateStats(len(self.tasks), energy_curve=energy_curve)
+        self._bytes = [self._stored_bytes(t.name) for t in self.tensors]
         self._passes = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes one pass reads from the checkpoints, as stored (for the progress bar)."""
+        return sum(self._bytes)
+
+    def _stored_bytes(self, name: str) -> int:
+        size = 0
+        for ckpt in (self.base, *self.tasks):
+            info = ckpt.tensors.get(name)
+            if info is not None:
+                size += info.numel * info.dtype.itemsize
+        return size
 
     def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         x = ckpt.get(name)
@@ -174,11 +188,12 @@ class DeltaStream:
         n = self.chunk_entries
         base_buf = torch.empty(n, dtype=torch.float32)
         delta_bufs = [torch.empty(n, dtype=torch.float32) for _ in self.tasks]
-        bar = tqdm(
-            total=self.total,
+        bar = tqdm(  # bytes of the checkpoints read so far, with rate and ETA
+            total=self.total_bytes,
             desc=desc,
-            unit="entry",
+            unit="B",
             unit_scale=True,
+            unit_divisor=1024,
             disable=not self.progress,
             leave=False,
         )
@@ -200,7 +215,7 @@ class DeltaStream:
                     if first_pass:
                         self.stats.add_magnitudes(deltas)
                     yield DeltaChunk(index, offset + start, deltas, b, raw)
-                    bar.update(m)
+                    bar.update(self._bytes[index] * m // max(info.numel, 1))
                     pause_point("analysis")
                 del base, tasks
         finally:
