@@ -12,6 +12,7 @@ from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.cli.analyze import main
 from cpi_merge.commands import analyze
 from cpi_merge.errors import CpiError, OutputError
+from cpi_merge.report.summary import format_summary
 
 from helpers.files import write_recipe
 
@@ -122,4 +123,25 @@ def test_cli_memory_budget_forces_histogram(recipe, tmp_path):
         main, [str(recipe), "--out", str(out), "--memory-budget", "1K", "-q"]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "cpi_plan.json").read_text())["strategy"] == "histogram"
+    plan = json.loads((out / "cpi_plan.json").read_text())
+    assert plan["strategy"] == "histogram"
+    # says why, with the arithmetic: k entries per task x 48 B against the 1 KiB budget
+    need = len(plan["tasks"]) * plan["k"] * 48 / 1e9
+    reason = (
+        f"auto: the one-pass buffer needs up to {need:.2f} GB, which does not fit the "
+        "memory budget of 0.00 GB"
+    )
+    assert plan["strategy_reason"] == reason
+    assert f"strategy histogram: {reason}" in format_summary(CorePlan.load(out))
+
+
+def test_auto_strategy_says_the_buffer_fits(recipe, tmp_path):
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, [str(recipe), "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "cpi_plan.json").read_text())
+    assert plan["strategy"] == "buffer"
+    assert "which fits the memory budget" in plan["strategy_reason"]
+    forced = tmp_path / "f"
+    CliRunner().invoke(main, [str(recipe), "--out", str(forced), "-q", "--strategy", "histogram"])
+    assert json.loads((forced / "cpi_plan.json").read_text())["strategy_reason"] == "asked for"

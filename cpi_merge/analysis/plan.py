@@ -112,6 +112,8 @@ class CorePlan(_Record):
     seed: int | None = None
     order: StageOrder | None = None
     strategy: Literal["buffer", "histogram"] | None = None
+    strategy_reason: str | None = None
+    """Why that strategy ran: asked for, or ``auto``'s memory arithmetic."""
     tensors: list[TensorRecord]
     """The analysed tensors, with the shapes the analysis saw."""
     vocabulary_rows: int | None = None

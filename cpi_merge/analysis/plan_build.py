@@ -70,6 +70,7 @@ def build_plan(
     seed: int,
     order: StageOrder,
     strategy: str,
+    strategy_reason: str | None = None,
     samples: list | None = None,
 ) -> CorePlan:
     """The plan of an exact selection: thresholds, counts, overlaps, groups, stage order.
@@ -83,6 +84,7 @@ def build_plan(
         seed: Seed of the random stage order.
         order: ``random`` or ``given``.
         strategy: The strategy that ran.
+        strategy_reason: Why it ran (asked for, or auto's memory arithmetic).
         samples: Per task, the sample of |Δ| the energy curve is estimated from when
             ``stats`` holds no exact curve (every entry when the model is that small).
     """
@@ -117,6 +119,7 @@ def build_plan(
         seed=seed,
         order=order,
         strategy=strategy,
+        strategy_reason=strategy_reason,
         tasks=cores,
         intersections=selection.intersections.tolist(),
         jaccard=jaccard.tolist(),

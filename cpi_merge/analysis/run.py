@@ -106,7 +106,8 @@ def run_analysis(
     labels = opened.task_names
     budget = options.memory_budget
     budget = budget if budget is not None else default_memory_budget()
-    chosen = choose_strategy(options.strategy, n_tasks=len(labels), k=k, memory_budget=budget)
+    choice = choose_strategy(options.strategy, n_tasks=len(labels), k=k, memory_budget=budget)
+    chosen = choice.name
     select = dict(
         k=k,
         layout=TensorLayout([t.name for t in opened.tensors], stream.offsets),
@@ -140,6 +141,7 @@ def run_analysis(
         seed=options.seed,
         order=options.order,
         strategy=chosen,
+        strategy_reason=choice.reason,
         samples=None if options.energy_curve else samples,
     )
     cores = None

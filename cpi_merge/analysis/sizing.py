@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
@@ -39,19 +40,31 @@ def default_memory_budget() -> int:
         return 4 << 30
 
 
-def choose_strategy(strategy: Strategy, *, n_tasks: int, k: int, memory_budget: int) -> str:
+@dataclass(frozen=True)
+class StrategyChoice:
+    """The strategy that will run, and why (recorded in the plan, shown in the summary)."""
+
+    name: Literal["buffer", "histogram"]
+    reason: str
+
+
+def choose_strategy(
+    strategy: Strategy, *, n_tasks: int, k: int, memory_budget: int
+) -> StrategyChoice:
     """Pick ``buffer`` (one pass) unless its worst-case memory exceeds the budget.
 
     The buffer peaks at about 3k (Δ, |θ0|, index) entries per task: 48 bytes per core entry.
     """
     if strategy != "auto":
-        return strategy
+        return StrategyChoice(strategy, "asked for")
     need = n_tasks * k * BUFFER_BYTES_PER_CORE_ENTRY
-    chosen = "buffer" if need <= memory_budget else "histogram"
-    LOG.info(
-        "strategy %s: buffer needs up to %.2f GB, budget %.2f GB",
-        chosen,
-        need / 1e9,
-        memory_budget / 1e9,
+    if need <= memory_budget:
+        chosen, verb = "buffer", "fits"
+    else:
+        chosen, verb = "histogram", "does not fit"
+    reason = (
+        f"auto: the one-pass buffer needs up to {need / 1e9:.2f} GB, which {verb} the memory "
+        f"budget of {memory_budget / 1e9:.2f} GB"
     )
-    return chosen
+    LOG.info("strategy %s (%s)", chosen, reason)
+    return StrategyChoice(chosen, reason)

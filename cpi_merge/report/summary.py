@@ -34,8 +34,10 @@ def format_summary(plan: CorePlan) -> str:
         f"  D = {plan.total_parameters:,} entries, core_fraction p = {plan.core_fraction:g} "
         f"(k = {plan.k:,}; {ties}), tau = {plan.tau:g}"
         + (f", strategy = {plan.strategy}" if plan.strategy else ""),
-        "",
     ]
+    if plan.strategy_reason:
+        lines.append(f"  strategy {plan.strategy}: {plan.strategy_reason}")
+    lines.append("")
     rows = []
     for i, t in enumerate(plan.tasks, 1):
         rel = "-" if t.relative_update_norm is None else f"{t.relative_update_norm:.3%}"
