@@ -20,30 +20,18 @@ def count_every_tie(chunks, buckets, n: int, n_tensors: int, seed: int) -> CoreS
     """Final pass when every tie is taken and every threshold is known: just count."""
     thresholds = [float32_from_bits(b.fixed[0]) for b in buckets]
     boundaries = tuple(CoreBoundary(t, seed=seed) for t in thresholds)  # every tie taken
-    counts = np.zeros((n, n_tensors), dtype=np.int64)
-    intersections = np.zeros((n, n), dtype=np.int64)
-    conflicts = np.zeros((n, n), dtype=np.int64)
-    energy = [0.0] * n
+    tally = _AboveTally(n, n_tensors)
     for chunk in chunks:
-        masks = [core_mask(d, b) for d, b in zip(chunk.deltas, boundaries, strict=True)]
-        for i, d in enumerate(chunk.deltas):
-            c = int(torch.count_nonzero(masks[i]))
-            counts[i, chunk.tensor_index] += c
-            intersections[i, i] += c
-            energy[i] += float(d[masks[i]].double().square().sum())
-            for j in range(i + 1, n):
-                both = (masks[i] & masks[j]).nonzero().squeeze(1)
-                intersections[i, j] += both.numel()
-                conflicts[i, j] += _opposite(chunk, i, j, both)
+        tally.add(chunk, [core_mask(d, b) for d, b in zip(chunk.deltas, boundaries, strict=True)])
     ties = tuple(b.at_threshold for b in buckets)
     return CoreSelection(
         boundaries=boundaries,
-        counts=counts,
-        intersections=np.triu(intersections) + np.triu(intersections, 1).T,
+        counts=tally.counts,
+        intersections=np.triu(tally.overlaps) + np.triu(tally.overlaps, 1).T,
         at_threshold=ties,
         taken_at_threshold=ties,
-        core_energy=tuple(energy),
-        sign_conflicts=conflicts + conflicts.T,
+        core_energy=tuple(tally.energy),
+        sign_conflicts=tally.conflicts + tally.conflicts.T,
     )
 
 
@@ -53,6 +41,33 @@ def _bits(masks: list[torch.Tensor]) -> torch.Tensor:
     for j, mask in enumerate(masks):
         bits |= mask.long() << j
     return bits
+
+
+class _AboveTally:
+    """Per task, what a pass counts over the entries its mask marks (above a boundary).
+
+    Entries per tensor, pairwise overlaps (upper triangle; the diagonal is the count),
+    opposite signs in the overlaps (upper triangle), and Σ Δ² (float64).
+    """
+
+    def __init__(self, n: int, n_tensors: int):
+        self.counts = np.zeros((n, n_tensors), dtype=np.int64)
+        self.overlaps = np.zeros((n, n), dtype=np.int64)
+        self.conflicts = np.zeros((n, n), dtype=np.int64)
+        self.energy = [0.0] * n
+
+    def add(self, chunk, masks: list[torch.Tensor]) -> None:
+        """Count one chunk, ``masks[i]`` marking task i's entries."""
+        n = len(masks)
+        for i, d in enumerate(chunk.deltas):
+            c = int(torch.count_nonzero(masks[i]))
+            self.counts[i, chunk.tensor_index] += c
+            self.overlaps[i, i] += c
+            self.energy[i] += float(d[masks[i]].double().square().sum())
+            for j in range(i + 1, n):
+                both = (masks[i] & masks[j]).nonzero().squeeze(1)
+                self.overlaps[i, j] += both.numel()
+                self.conflicts[i, j] += _opposite(chunk, i, j, both)
 
 
 def _opposite(chunk, i: int, j: int, at: torch.Tensor) -> int:
@@ -73,23 +88,15 @@ def keep_and_resolve(chunks, buckets, keyed: Keyed, n: int, exact_k: bool) -> Co
     """
     layout = keyed.layout
     n_tensors = len(layout.offsets)
-    counts = np.zeros((n, n_tensors), dtype=np.int64)
-    overlaps = np.zeros((n, n), dtype=np.int64)
-    conflicts = np.zeros((n, n), dtype=np.int64)
-    energy = [0.0] * n
+    tally = _AboveTally(n, n_tensors)
+    counts, overlaps, conflicts = tally.counts, tally.overlaps, tally.conflicts
+    energy = tally.energy
     kept: list[list[tuple]] = [[] for _ in range(n)]
     for chunk in chunks:
         classified = [classify(chunk, i, bucket, keyed) for i, bucket in enumerate(buckets)]
         above = [c[0] for c in classified]
+        tally.add(chunk, above)
         for i, d in enumerate(chunk.deltas):
-            c = int(torch.count_nonzero(above[i]))
-            counts[i, chunk.tensor_index] += c
-            overlaps[i, i] += c
-            energy[i] += float(d[above[i]].double().square().sum())
-            for j in range(i + 1, n):
-                both = (above[i] & above[j]).nonzero().squeeze(1)
-                overlaps[i, j] += both.numel()
-                conflicts[i, j] += _opposite(chunk, i, j, both)
             inside = classified[i][1]
             if inside.numel():
                 negative = [chunk.negative(t, inside) for t in range(n)]
