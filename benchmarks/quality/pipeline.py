@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class SeedRun:
         *,
         progress: bool = False,
         device: str = "cpu",
+        say: Callable[[str], None] | None = None,
     ):
         self.root = root / f"seed{seed}"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -44,13 +46,17 @@ class SeedRun:
         self.scorer = Scorer(setting, base, self.held_out, root / "scores.json", device)
         self.timings: dict[str, dict] = {}
         """Per model made in this process: wall seconds and optimizer steps (if trained)."""
+        self.say = say or (lambda _text: None)
+        """Where a line goes as each model is started and finished (the benchmark prints)."""
 
     @contextmanager
     def _timed(self, name: str):
         started = time.perf_counter()
         record: dict = {}
+        self.say(f"{name}: started")
         yield record
         self.timings[name] = {"seconds": round(time.perf_counter() - started, 1), **record}
+        self.say(f"{name}: done in {self.timings[name]['seconds']:.0f} s")
 
     # ---- evaluation -------------------------------------------------------------------
     def score(self, folder: Path, *, keep: bool = False) -> dict[str, float]:
@@ -59,7 +65,9 @@ class SeedRun:
         Weights are deleted only when the setting says so (``keep_weights: false``), and
         never the base's, the probes' or a fusion's (later rows read them).
         """
-        scores = self.scorer(folder)
+        folder = Path(folder)
+        name = folder.relative_to(self.root) if folder.is_relative_to(self.root) else folder.name
+        scores = self.scorer(folder, say=lambda text: self.say(f"{name}: {text}"))
         if not (keep or self.s.keep_weights or Path(folder) == Path(self.base)):
             drop_weights(folder)
         return scores

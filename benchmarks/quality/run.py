@@ -75,7 +75,11 @@ def run_seed(out: Path, setting, seed: int, base: Path, device: str, progress: b
     from benchmarks.quality.rows import forgetting_plan, forgetting_rows, main_rows, sweeps
 
     started = time.time()
-    run = SeedRun(out, setting, seed, base, progress=progress, device=device)
+
+    def say(text: str) -> None:  # a line per model: a 35-minute run shows it moving
+        print(f"[seed {seed}, {(time.time() - started) / 60:5.1f} min] {text}", flush=True)
+
+    run = SeedRun(out, setting, seed, base, progress=progress, device=device, say=say)
     main, same = main_rows(run)
     result = {
         "main": main,

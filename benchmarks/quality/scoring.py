@@ -46,13 +46,19 @@ class Scorer:
         """Wall time spent scoring in this process (models scored, not cached ones)."""
         self.scored = 0
 
-    def __call__(self, folder: Path) -> dict[str, float]:
-        """The scores of ``folder`` (computed once, then read from the cache file)."""
+    def __call__(self, folder: Path, say=None) -> dict[str, float]:
+        """The scores of ``folder`` (computed once, then read from the cache file).
+
+        ``say``, if given, gets one line when a model has been scored (with its time).
+        """
         key = self._key(folder)
         if key not in self._scores:
             started = time.perf_counter()
             self._scores[key] = self._score(folder)
-            self.seconds += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.seconds += took
+            if say is not None:
+                say(f"scored in {took:.0f} s")
             self.scored += 1
             self.cache.parent.mkdir(parents=True, exist_ok=True)
             partial = self.cache.with_suffix(".partial")
