@@ -212,7 +212,13 @@ def _merge_opened(
             finish_card(text, tmp.name, out.out.name, plan, recipe),
             encoding="utf-8",
         )
-    manifest.write(tmp, inputs, created_by=plan.created_by, mergekit=version("mergekit"))
+    manifest.write(
+        tmp,
+        inputs,
+        progress=not options.quiet,
+        created_by=plan.created_by,
+        mergekit=version("mergekit"),
+    )
     pause_point("write")  # everything written, not yet in place
     out.commit()
     return plan

@@ -111,3 +111,27 @@ def test_the_command_line_starts_hashing_the_recipe_inputs_and_hands_the_manifes
         assert started == hashed and enabled == ("--no-checksums" not in argv)
     recipe.write_text("merge_method: [")  # not YAML: the command itself will say so
     assert merge_cli.local_inputs(str(recipe)) == []
+
+
+def test_waiting_for_the_hashes_shows_a_bar_of_bytes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(manifest_module, "_WINDOW", mmap.PAGESIZE)
+    data = os.urandom(4 * mmap.PAGESIZE)
+    folder = _folder(tmp_path, "m", {"model.safetensors": data})
+    real = manifest_module.hash_file
+
+    def slow(path, progress=None):  # still hashing when the merge is done
+        import time
+
+        time.sleep(0.6)
+        return real(path, progress)
+
+    monkeypatch.setattr(manifest_module, "hash_file", slow)
+    manifest = Manifest()
+    manifest.hash_inputs([folder])
+    out = _folder(tmp_path, "out", {"model.safetensors": b"x"})
+    manifest.hash_output(out)
+    manifest.write(out, [("base_model", "m", str(folder))], progress=True, created_by="t")
+    err = capsys.readouterr().err
+    assert "checksums (SHA-256)" in err and "100%" in err  # every byte counted
+    record = yaml.safe_load((out / manifest_module.MANIFEST_FILE).read_text())
+    assert record["inputs"][0]["files"] == _reference(folder)

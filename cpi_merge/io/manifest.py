@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 HASHED_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt", ".jinja")
@@ -38,7 +38,7 @@ def _stamps(folder: Path) -> list[FileStamp]:
     return stamps
 
 
-def hash_file(path: str | os.PathLike) -> dict:
+def hash_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> dict:
     """Size and SHA-256 of one file.
 
     The file is mapped and hashed in windows of ``_WINDOW`` bytes straight from the page
@@ -47,6 +47,10 @@ def hash_file(path: str | os.PathLike) -> dict:
     where the platform has it), so its resident memory grows by about one window. A
     file truncated while mapped kills the process (SIGBUS), exactly as it would in
     safetensors' own memory-mapped loading of the same checkpoints.
+
+    Args:
+        path: The file.
+        progress: Called with the size of each window once it is hashed.
 
     Returns:
         ``{"bytes": size, "sha256": hex digest}``.
@@ -64,13 +68,26 @@ def hash_file(path: str | os.PathLike) -> dict:
                     digest.update(view[start:stop])  # releases the GIL
                     if dontneed is not None:
                         mapped.madvise(dontneed, start, stop - start)
+                    if progress is not None:
+                        progress(stop - start)
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def hash_folder(folder: str | os.PathLike) -> dict[str, dict]:
-    """Size and SHA-256 of every model file directly in ``folder``, by file name."""
+def hash_folder(
+    folder: str | os.PathLike,
+    progress: Callable[[int], None] | None = None,
+    stamps: list[FileStamp] | None = None,
+) -> dict[str, dict]:
+    """Size and SHA-256 of every model file directly in ``folder``, by file name.
+
+    Args:
+        folder: The folder.
+        progress: Called with each hashed window's size (see :func:`hash_file`).
+        stamps: The files to hash, as listed already (default: list them now).
+    """
     folder = Path(folder)
-    return {name: hash_file(folder / name) for name, _, _ in _stamps(folder)}
+    stamps = _stamps(folder) if stamps is None else stamps
+    return {name: hash_file(folder / name, progress) for name, _, _ in stamps}
 
 
 MANIFEST_FILE = "cpi_manifest.json"
@@ -115,6 +132,11 @@ class Manifest:
         self._inputs: dict[str, tuple[list[FileStamp], Future]] = {}
         self._output: Future | None = None
         self._lock = threading.Lock()
+        self._queued = 0  # bytes handed to the worker, and bytes it has hashed
+        self._hashed = 0
+
+    def _count(self, n: int) -> None:  # the worker's progress (one writer: the worker)
+        self._hashed += n
 
     def hash_inputs(self, folders: Iterable[str | os.PathLike]) -> None:
         """Start hashing these folders (ones already started, or not folders, are skipped)."""
@@ -130,10 +152,9 @@ class Manifest:
                 except OSError:
                     continue
                 job = self._worker.submit(
-                    lambda key=key, stamps=stamps: {
-                        name: hash_file(Path(key) / name) for name, _, _ in stamps
-                    }
+                    lambda key=key, stamps=stamps: hash_folder(key, self._count, stamps)
                 )
+                self._queued += sum(size for _, size, _ in stamps)
                 self._inputs[key] = (stamps, job)
 
     def input_digests(self, folder: str | os.PathLike) -> dict[str, dict] | None:
@@ -160,16 +181,49 @@ class Manifest:
     def hash_output(self, folder: str | os.PathLike) -> None:
         """Start hashing the finished output folder (before the pictures are added)."""
         if self.enabled:
-            self._output = self._worker.submit(lambda: hash_folder(folder))
+            stamps = _stamps(Path(folder))
+            self._queued += sum(size for _, size, _ in stamps)
+            self._output = self._worker.submit(lambda: hash_folder(folder, self._count, stamps))
 
-    def write(self, folder: Path, inputs: list[tuple[str, str, str]], **header: str) -> None:
+    def _wait_with_progress(self) -> None:
+        """Show a bar of the bytes hashed while the background hashing is not done yet."""
+        pending = [job for _, job in self._inputs.values()]
+        pending += [self._output] if self._output is not None else []
+        if all(job.done() for job in pending):
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=self._queued,
+            initial=self._hashed,
+            desc="checksums (SHA-256)",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            leave=False,
+        ) as bar:
+            while not all(job.done() for job in pending):
+                wait(pending, timeout=0.25)
+                bar.update(self._hashed - bar.n)
+
+    def write(
+        self,
+        folder: Path,
+        inputs: list[tuple[str, str, str]],
+        *,
+        progress: bool = False,
+        **header: str,
+    ) -> None:
         """Write ``cpi_manifest.json`` into ``folder``; call it last.
 
         Args:
             folder: The output folder being written.
             inputs: ``(role, reference, local path)`` of every input.
+            progress: Show a progress bar if the hashing is still running.
             **header: Provenance fields written first (``created_by``, ``mergekit``).
         """
+        if progress and self.enabled:
+            self._wait_with_progress()
         record = {
             **header,
             "inputs": [
