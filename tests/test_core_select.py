@@ -113,9 +113,14 @@ def run(strategy, tensors, k, chunk, *, bases=None, exact_k=True, seed=0, budget
         except CutTooHighError:  # what run_analysis does
             assert any(c > float(torch.topk(d, k).values[-1]) for c, d in zip(cuts, full))
             return select_cores_buffer(stream(), **kw)
-    if strategy == "histogram_tight":  # no memory: narrow the buckets to the whole key
-        budget = 0
-    return select_cores_histogram(stream, memory_budget=budget, **kw)
+    if strategy in ("histogram_tight", "histogram_sampled_tight"):  # no memory: narrow the
+        budget = 0  # buckets to the whole key
+    samples = None
+    if strategy.startswith("histogram_sampled"):  # a sample of every third entry
+        samples = [torch.cat([t[i] for t in tensors])[::3] for i in range(len(labels))]
+    if strategy == "histogram_misled":  # a sample that points far from every boundary
+        samples = [torch.cat([t[i] for t in tensors]) * 1e6 + 1 for i in range(len(labels))]
+    return select_cores_histogram(stream, memory_budget=budget, samples=samples, **kw)
 
 
 def check(strategy, tensors, k, chunk, *, bases=None, exact_k=True, seed=0):
@@ -171,7 +176,15 @@ def delta_sets(draw):
     return tensors, bases, k, chunk, draw(st.booleans()), draw(st.integers(0, 3))
 
 
-STRATEGIES = ["buffer", "buffer_cut", "histogram", "histogram_tight"]
+STRATEGIES = [
+    "buffer",
+    "buffer_cut",
+    "histogram",
+    "histogram_tight",
+    "histogram_sampled",
+    "histogram_sampled_tight",
+    "histogram_misled",
+]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -261,3 +274,38 @@ def test_estimated_cuts_let_about_headroom_times_k_through():
     # too small a sample to tell, or NaN in it: no cut
     assert estimate_cuts([sample[:100]], k=k, total=full.numel()) == [0.0]
     assert estimate_cuts([torch.tensor([float("nan")] * 10_000)], k=k, total=10_000) == [0.0]
+
+
+def test_a_sample_makes_heavy_ties_two_passes_in_little_memory():
+    # 10,000 entries tie at Δ = 2^-12 (bf16-like), the core takes 50 of them: the budget
+    # holds 2,000 kept entries, not the ties. Narrowing by Δ's digits cannot split an
+    # exact tie; the sample lets the first pass narrow by |θ0| too, so the next pass is
+    # the last.
+    rng = np.random.default_rng(0)
+    n_top, n_ties, n_low = 100, 10_000, 20_000
+    d = np.concatenate(
+        [np.ones(n_top), np.full(n_ties, 2.0**-12), np.full(n_low, 2.0**-14)]
+    ).astype(np.float32)
+    order = rng.permutation(d.size)
+    delta = torch.from_numpy(d[order])
+    base = torch.from_numpy(rng.uniform(0.01, 1.0, d.size).astype(np.float32))
+    tensors, bases, k = [[delta]], [base], n_top + 50
+    layout = TensorLayout(NAMES[:1], [0])
+    stream = memory_stream(tensors, 1000, bases)
+    passes = []
+
+    def counting(label=""):
+        passes.append(label)
+        return stream(label)
+
+    kw = dict(k=k, layout=layout, labels=["a"], total=d.size, memory_budget=2000 * 32)
+    plain = select_cores_histogram(counting, **kw)
+    assert len(passes) == 4  # Δ's upper bits, its lower bits, |θ0|'s upper bits, final
+    passes.clear()
+    sampled = select_cores_histogram(counting, samples=[delta[::3]], **kw)
+    assert passes == ["pass 1: key histogram", "pass 2: cores and overlaps"]
+    assert sampled == plain
+    boundaries, counts, inter, *_ = reference(tensors, bases, k, True, 0)
+    assert sampled.core_counts == (k,) and np.array_equal(sampled.counts, counts)
+    assert sampled.at_threshold == (n_ties,) and sampled.taken_at_threshold == (50,)
+    assert sampled.thresholds == (2.0**-12,)

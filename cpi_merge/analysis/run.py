@@ -1,8 +1,9 @@
 """The analysis pipeline over opened models: stream Δ, select exact cores, build the plan.
 
-Opened, checked models in → stream |θi − θ0| once (``buffer``) or three times
-(``histogram``) for the exact global top-k → Jaccard → groups → stage order →
-:class:`CorePlan` (plus, on request, the core positions for the merge method). Writes
+Opened, checked models in → stream |θi − θ0| once (``buffer``) or twice (``histogram``;
+more only under heavy ties in little memory) for the exact global top-k → Jaccard →
+groups → stage order → :class:`CorePlan` (plus, on request, the core positions for the
+merge method). Writes
 nothing: :func:`cpi_merge.commands.analyze` is ``cpi-analyze`` with its files.
 """
 
@@ -130,7 +131,9 @@ def run_analysis(
             LOG.info("a sampled starting cut was too high; selecting again from 0")
             selection = select_cores_buffer(stream("core regions (again)"), **select)
     else:
-        selection = select_cores_histogram(stream, memory_budget=budget, **select)
+        # The sample points the first pass at each boundary (usually two passes in all).
+        samples = samples if samples is not None else stream.sample()
+        selection = select_cores_histogram(stream, memory_budget=budget, samples=samples, **select)
     opened.close()  # release the mapped shards before whatever comes next (the merge)
     plan = build_plan(
         opened,

@@ -3,7 +3,10 @@
 A radix select on each entry's whole key (:mod:`cpi_merge.analysis.core_rule`): Δ's
 float32 bits, then |θ0|'s (reversed: smaller first), then the tie hash (reversed). Pass
 1 counts the upper 16 bits of Δ, which finds each core's *boundary bucket*: the entries
-whose key starts like the core's last entry's. When the buckets' entries fit in
+whose key starts like the core's last entry's; near a sample's estimate of the boundary
+it also counts the next digits (:mod:`.histogram_first_pass`), which usually narrows the
+bucket to one exact Δ, and at a frequent bf16 tie value to one |θ0| range too. When the
+buckets' entries fit in
 ``memory_budget`` (the usual case), pass 2 keeps them and counts everything above them
 (core sizes per tensor, pairwise overlaps); the boundaries are then resolved in memory.
 When they do not fit (millions of bf16 ties at one value of a 70B model), each further
@@ -20,53 +23,30 @@ import torch
 
 from cpi_merge.analysis.boundary import TensorLayout
 from cpi_merge.analysis.histogram_final import KEPT_BYTES, count_every_tie, keep_and_resolve
+from cpi_merge.analysis.histogram_first_pass import first_pass, narrow_bucket, plan_windows
 from cpi_merge.analysis.histogram_keys import WIDTHS, Bucket, Keyed, classify, key_level
-from cpi_merge.analysis.radix import top_bucket
-from cpi_merge.analysis.selection import CoreSelection, DeltaChunk, degenerate_task
+from cpi_merge.analysis.selection import CoreSelection, DeltaChunk
 
 LOG = logging.getLogger(__name__)
 MAX_TASKS = 63
 
 
-def _narrow(chunks, buckets: list[Bucket], keyed: Keyed, labels, k, total) -> None:
-    """One pass: histogram the next digit inside every bucket, then narrow the buckets."""
+def _narrow(chunks, buckets: list[Bucket], keyed: Keyed) -> None:
+    """One more pass: histogram the next digit inside every bucket, then narrow the buckets."""
     steps = [b.next_step() for b in buckets]
     hists = [None if s is None else torch.zeros(1 << s[1], dtype=torch.int64) for s in steps]
-    zeros = [0] * len(buckets)
     for chunk in chunks:
         for i, (bucket, step) in enumerate(zip(buckets, steps, strict=True)):
             if step is None:
                 continue
             level, width = step
-            if bucket.fixed or bucket.bits:
-                inside = classify(chunk, i, bucket, keyed)[1]
-                key = key_level(level, chunk, i, inside, keyed)
-                shift = WIDTHS[level] - bucket.bits - width
-                key = (key >> shift) & ((1 << width) - 1)
-            else:  # the first digit: every entry's top bits (Δ = 0 removed below)
-                key = chunk.deltas[i].view(torch.int32)
-                zeros[i] += key.numel() - int(torch.count_nonzero(key))
-                key = key >> (WIDTHS[level] - width)
-            hists[i] += torch.bincount(key, minlength=1 << width)
-    for i, (bucket, hist, step) in enumerate(zip(buckets, hists, steps, strict=True)):
-        if step is None:
-            continue
-        if not (bucket.fixed or bucket.bits):
-            hist[0] -= zeros[i]  # Δ = 0 never enters a core
-            if int(hist.sum()) < k:
-                raise degenerate_task(labels[i], int(hist.sum()), k, total)
-        level, width = step
-        digit, above = top_bucket(hist, bucket.rank)
-        bucket.above += above
-        bucket.rank -= above
-        bucket.population = int(hist[digit])
-        bucket.prefix = (bucket.prefix << width) | digit
-        bucket.bits += width
-        if bucket.bits == WIDTHS[level]:
-            bucket.fixed.append(bucket.prefix)
-            bucket.prefix = bucket.bits = 0
-            if level == 0:
-                bucket.above_threshold, bucket.at_threshold = bucket.above, bucket.population
+            inside = classify(chunk, i, bucket, keyed)[1]
+            key = key_level(level, chunk, i, inside, keyed)
+            shift = WIDTHS[level] - bucket.bits - width
+            hists[i] += torch.bincount((key >> shift) & ((1 << width) - 1), minlength=1 << width)
+    for bucket, hist, step in zip(buckets, hists, steps, strict=True):
+        if step is not None:
+            narrow_bucket(bucket, hist, *step)
 
 
 def select_cores_histogram(
@@ -79,6 +59,7 @@ def select_cores_histogram(
     memory_budget: int,
     exact_k: bool = True,
     seed: int = 0,
+    samples: Sequence[torch.Tensor] | None = None,
 ) -> CoreSelection:
     """Exact cores by radix selection on the whole key, keeping at most ``memory_budget``.
 
@@ -92,6 +73,11 @@ def select_cores_histogram(
         memory_budget: Bytes the kept bucket entries of all tasks may take.
         exact_k: Exactly k entries by the tie rule (else every entry at the threshold).
         seed: Seed of the tie hash.
+        samples: Per task, Δ at a few sampled positions
+            (:meth:`~cpi_merge.analysis.delta_stream.DeltaStream.sample`): the first pass
+            then also narrows the buckets near the sample's estimate of each boundary
+            (:mod:`.histogram_first_pass`), so that it is usually followed by the last.
+            Exact with or without, whatever the sample.
 
     Returns:
         The exact :class:`CoreSelection` (no positions).
@@ -105,14 +91,24 @@ def select_cores_histogram(
         raise ValueError(f"the histogram strategy handles at most {MAX_TASKS} tasks; got {n}")
     keyed = Keyed(layout, seed)
     buckets = [Bucket(rank=k, levels=3 if exact_k else 1) for _ in range(n)]
-    passes = 0
+    windows = plan_windows(samples, k=k, total=total) if samples else [None] * n
+    first_pass(open_stream("pass 1: key histogram"), buckets, keyed, windows, labels, k, total)
+    passes = 1
     while any(b.next_step() is not None for b in buckets):
-        passes += 1
-        _narrow(open_stream(f"pass {passes}: key histogram"), buckets, keyed, labels, k, total)
         if sum(b.population for b in buckets) * KEPT_BYTES <= memory_budget:
             break
+        passes += 1
+        _narrow(open_stream(f"pass {passes}: key histogram"), buckets, keyed)
     passes += 1
-    LOG.info("histogram strategy: %d passes over the checkpoints", passes)
+    kept = sum(b.population for b in buckets)
+    LOG.info(
+        "histogram strategy: %d passes over the checkpoints; the last keeps %s boundary "
+        "entries (%.1f MB of the %.1f MB budget)",
+        passes,
+        f"{kept:,}",
+        kept * KEPT_BYTES / 1e6,
+        memory_budget / 1e6,
+    )
     final = open_stream(f"pass {passes}: cores and overlaps")
     if all(b.next_step() is None for b in buckets) and not exact_k:
         return count_every_tie(final, buckets, n, len(layout.offsets), seed)
