@@ -18,6 +18,7 @@ from cpi_merge.analysis.plan import CorePlan
 from cpi_merge.errors import CpiError, DataError, OutputError, ResumeError
 
 from helpers.consolidation_world import consolidation_config, write_jsonl
+from helpers.network import free_port
 
 
 def union_of_cores(plan, tasks):
@@ -182,10 +183,13 @@ def test_plan_for_another_model_is_refused(world, tmp_path):
         consolidate(cfg, tmp_path / "never", progress=False)
 
 
-LAUNCHERS = {
-    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+def launcher_command(launcher: str) -> list[str]:
+    """The launcher's arguments, on a port that is free now."""
+    port = str(free_port())
+    if launcher == "torchrun":
+        return ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     # accelerate's multi-process launcher; `--cpu` alone would start a single process
-    "accelerate": [
+    return [
         "-m",
         "accelerate.commands.launch",
         "--multi_gpu",
@@ -198,12 +202,11 @@ LAUNCHERS = {
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29518",
-    ],
-}
+        port,
+    ]
 
 
-@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_with_gloo(world, tmp_path, launcher):
     """2 CPU processes: same masks and weights on every rank, exact freezing."""
     import subprocess
@@ -212,8 +215,9 @@ def test_two_processes_with_gloo(world, tmp_path, launcher):
     cfg = consolidation_config(tmp_path, world, samples_per_task=8)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, *launcher_command(launcher), "-m", "consolidation.cli"]
     run = subprocess.run(
-        [sys.executable, *LAUNCHERS[launcher], "-m", "consolidation.cli", str(cfg), str(out), "-q"],
+        [*command, str(cfg), str(out), "-q"],
         capture_output=True,
         text=True,
         env=env,

@@ -26,6 +26,7 @@ from consolidation.stages import consolidate
 from cpi_merge.analysis.plan import CorePlan
 
 from helpers.consolidation_world import consolidation_config
+from helpers.network import free_port
 from helpers.references import brute_force
 
 FSDP_KEYS = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}
@@ -36,15 +37,6 @@ difference's norm relative to the update's. Measured: 4.4e-6 and 1.7e-6 (reducti
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (so that runs sharing a machine do not collide)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun() -> list[str]:
