@@ -147,18 +147,18 @@ def merge(
     if not isinstance(recipe, CpiRecipe):
         recipe = load_recipe(recipe)
     cache, dtype = options.lora_merge_cache, options.lora_merge_dtype
-    with (
-        reserved_output(out_dir, force=force, inputs=recipe_folders(recipe)) as out,
-        lora_cache(_references(recipe), cache, dtype, beside=out_dir) as lora,
-    ):
-        if lora is not None:  # mergekit merges each adapter into the same cache: once
-            options = options.model_copy(update={"lora_merge_cache": lora.folder})
-        opened = open_models(recipe, allow_pickle=allow_pickle, lora=lora)
-        out.require(expected_output_bytes(opened))
-        try:
+    try:  # a merge that fails, however early, ends the input hashing (which may be held)
+        with (
+            reserved_output(out_dir, force=force, inputs=recipe_folders(recipe)) as out,
+            lora_cache(_references(recipe), cache, dtype, beside=out_dir) as lora,
+        ):
+            if lora is not None:  # mergekit merges each adapter into the same cache: once
+                options = options.model_copy(update={"lora_merge_cache": lora.folder})
+            opened = open_models(recipe, allow_pickle=allow_pickle, lora=lora)
+            out.require(expected_output_bytes(opened))
             plan = _merge_opened(opened, out, options, settings, manifest)
-        finally:
-            manifest.cancel()
+    finally:
+        manifest.cancel()
     return MergeResult(Path(out_dir), plan)
 
 
@@ -183,12 +183,17 @@ def _merge_opened(
         )
     method = register_cpi_method()
     inputs = opened.sources()
-    manifest.hash_inputs(folder for _, _, folder in inputs)
+    # With an analysis, the checkpoints are hashed behind its first read (one disk read
+    # for both); without, at once.
+    manifest.hash_inputs((folder for _, _, folder in inputs), hold=given is None)
     cores = None
     if given is None:
-        analysis = run_analysis(opened, settings, keep_cores=True)
+        names = [t.name for t in opened.tensors]
+        with manifest.following([opened.base, *opened.tasks], names):
+            analysis = run_analysis(opened, settings, keep_cores=True)
         plan, cores = analysis.plan, analysis.cores
     else:
+        manifest.release()
         plan = plan_from_boundaries(opened, given)
     resolved = resolved_recipe(recipe, plan, _stored_dtype(opened))
     config_source = yaml.safe_dump(resolved, sort_keys=False)

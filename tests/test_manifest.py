@@ -110,7 +110,7 @@ def test_the_command_line_starts_hashing_the_recipe_inputs_and_hands_the_manifes
         assert sorted(args) == sorted(argv), "every argument is handed on, none lost"
         assert started == hashed and enabled == ("--no-checksums" not in argv)
     recipe.write_text("merge_method: [")  # not YAML: the command itself will say so
-    assert merge_cli.local_inputs(str(recipe)) == []
+    assert merge_cli.local_inputs(str(recipe)) == ([], False)
 
 
 def test_waiting_for_the_hashes_shows_a_bar_of_bytes(tmp_path, monkeypatch, capsys):

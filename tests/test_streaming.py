@@ -18,17 +18,21 @@ def test_tensors_are_read_once_per_pass_and_released(tiny_family, tmp_path, monk
     recipe = write_recipe(tmp_path / "r.yml", base, tasks, core_fraction=0.02)
     reads, alive_peak = [], [0]
     live: list[weakref.ref] = []
-    original = Checkpoint.get
 
-    def tracking_get(self, name):
-        tensor = original(self, name)
-        live[:] = [r for r in live if r() is not None]
-        live.append(weakref.ref(tensor))
-        alive_peak[0] = max(alive_peak[0], len(live))
-        reads.append((self.reference, name))
-        return tensor
+    def tracking(original):
+        def tracked(self, name, *args):
+            tensor = original(self, name, *args)
+            live[:] = [r for r in live if r() is not None]
+            live.append(weakref.ref(tensor))
+            alive_peak[0] = max(alive_peak[0], len(live))
+            reads.append((self.reference, name))
+            return tensor
 
-    monkeypatch.setattr(Checkpoint, "get", tracking_get)
+        return tracked
+
+    # the pass reads whole tensors (Checkpoint.read), the sample only blocks (.get)
+    monkeypatch.setattr(Checkpoint, "read", tracking(Checkpoint.read))
+    monkeypatch.setattr(Checkpoint, "get", tracking(Checkpoint.get))
     sampled = []
     real_sample = DeltaStream.sample
 
@@ -41,7 +45,7 @@ def test_tensors_are_read_once_per_pass_and_released(tiny_family, tmp_path, monk
     monkeypatch.setattr(DeltaStream, "sample", tracking_sample)
     plan = analyze(recipe, progress=False, plots=False, strategy="buffer", chunk_entries=256)
     n_tensors = len(plan.tensors)
-    assert len(reads) == n_tensors * 4  # base + 3 tasks, one pass
+    assert len(reads) == n_tensors * 4  # base + 3 tasks, one pass, no fallback to .get
     assert len(set(reads)) == len(reads)
     # the starting cuts' sample: the whole (tiny) stream here, each tensor read once
     assert sorted(sampled) == sorted(reads)

@@ -19,6 +19,7 @@ from cpi_merge.analysis.update_stats import UpdateStats
 from cpi_merge.errors import NonFiniteError
 from cpi_merge.faults import pause_point
 from cpi_merge.io.checkpoints import Checkpoint, TensorInfo
+from cpi_merge.io.direct_read import Scratch
 from cpi_merge.io.vocabulary import VocabularyAlignment
 
 DEFAULT_CHUNK_ENTRIES = 1 << 20
@@ -90,6 +91,8 @@ class DeltaStream:
         self.stats = UpdateStats(len(self.tasks), energy_curve=energy_curve)
         self._bytes = [self._stored_bytes(t.name) for t in self.tensors]
         self._passes = 0
+        # One read buffer per model (not per checkpoint: a recipe may list one twice).
+        self._scratch = [Scratch() for _ in range(1 + len(self.tasks))]
 
     @property
     def total_bytes(self) -> int:
@@ -104,16 +107,16 @@ class DeltaStream:
                 size += info.numel * info.dtype.itemsize
         return size
 
-    def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        x = ckpt.get(name)
+    def _load(self, ckpt: Checkpoint, name: str, scratch: Scratch) -> torch.Tensor:
+        x = ckpt.read(name, scratch)  # into a reused buffer: nothing stays mapped
         if self.cast is not None and x.dtype != self.cast:
             x = x.to(self.cast)
         return x.reshape(-1)
 
     def _load_all(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """θ0 and every task's tensor, flat, vocabulary rows aligned by token."""
-        base = self._load(self.base, name)
-        tasks = [self._load(t, name) for t in self.tasks]
+        base = self._load(self.base, name, self._scratch[0])
+        tasks = [self._load(t, name, s) for t, s in zip(self.tasks, self._scratch[1:], strict=True)]
         vocab = self.vocabulary
         if vocab is None or name not in vocab.tensors:
             return base, tasks
@@ -217,6 +220,8 @@ class DeltaStream:
                     yield DeltaChunk(index, offset + start, deltas, b, raw)
                     bar.update(self._bytes[index] * m // max(info.numel, 1))
                     pause_point("analysis")
+                for ckpt in (self.base, *self.tasks):  # its bytes are in the page cache now
+                    ckpt.mark_read(info.name)
                 del base, tasks
         finally:
             bar.close()

@@ -6,8 +6,11 @@ this small command parses the command line first (without mergekit's options: th
 handed on untouched), creates the :class:`~cpi_merge.io.manifest.Manifest` and starts
 hashing the recipe's local folders in the background, and only then imports the full
 command (:mod:`cpi_merge.cli.merge_command`), which parses everything again with
-mergekit's options and receives the manifest. Early hashing is best effort: when the
-recipe is not the first argument, or cannot be read, the merge hashes its inputs itself.
+mergekit's options and receives the manifest. When the merge will run the analysis, the
+checkpoints are held until it reads them (one disk read for both, see
+:meth:`~cpi_merge.io.manifest.Manifest.following`); the other files are hashed at once.
+Early hashing is best effort: when the recipe is not the first argument, or cannot be
+read, the merge hashes its inputs itself.
 
 ``cpi-merge verify OUT`` checks an output against its manifest (exit status 1 on any
 difference).
@@ -23,19 +26,25 @@ import click
 from cpi_merge.cli.common import report_errors
 
 
-def local_inputs(recipe: str | None) -> list[str]:
-    """The local model folders of a recipe file, when it can be read cheaply (else none)."""
+def local_inputs(recipe: str | None) -> tuple[list[str], bool]:
+    """The local model folders of a recipe file, when it can be read cheaply (else none).
+
+    Returns:
+        The folders, and whether the merge runs the analysis (some task has no
+        ``core_threshold``): then their checkpoints are hashed behind its read.
+    """
     if not recipe or not recipe.endswith((".yml", ".yaml")) or not Path(recipe).is_file():
-        return []
+        return [], False
     from cpi_merge.config.recipe import load_recipe
     from cpi_merge.errors import CpiError
 
     try:
         parsed = load_recipe(recipe)
     except CpiError:  # the command itself reports a bad recipe, properly
-        return []
+        return [], False
     refs = [parsed.base_model] + [m.model for m in parsed.models]
-    return [r for r in refs if Path(r).is_dir()]
+    analysed = all(m.parameters.core_threshold is None for m in parsed.tasks)
+    return [r for r in refs if Path(r).is_dir()], analysed
 
 
 def _verify(out: str | None) -> None:
@@ -74,7 +83,8 @@ def main(ctx: click.Context, recipe, out_path, no_checksums, show_help) -> None:
         return
     manifest = Manifest(enabled=not no_checksums)
     if not show_help:
-        manifest.hash_inputs(local_inputs(recipe))
+        folders, analysed = local_inputs(recipe)
+        manifest.hash_inputs(folders, hold=analysed)
     from cpi_merge.cli import merge_command
 
     args = [a for a in (recipe, out_path) if a is not None] + ctx.args

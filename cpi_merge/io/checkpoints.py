@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from cpi_merge.errors import CheckpointError
+from cpi_merge.io.direct_read import Scratch, ShardReader
 from cpi_merge.io.layout import folder_layout, pickle_header, safetensors_header
 from cpi_merge.io.lora import LoraCache, is_lora, resolved_lora_reference
 
@@ -55,6 +57,8 @@ class Checkpoint:
         path: The local folder holding it.
         tensors: Header information for every stored tensor, by name.
         is_safetensors: False only for pickle checkpoints the user allowed.
+        on_read: Told of each tensor a full pass has read (:meth:`mark_read`); set by
+            :meth:`Manifest.following <cpi_merge.io.manifest.Manifest.following>`.
 
     """
 
@@ -62,6 +66,7 @@ class Checkpoint:
     path: str
     tensors: dict[str, TensorInfo]
     is_safetensors: bool = True
+    on_read: Callable[[TensorInfo], None] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def loader(self):
@@ -71,9 +76,49 @@ class Checkpoint:
         return LazyTensorLoader(ShardedTensorIndex.from_disk(self.path), lazy_unpickle=True)
 
     def close(self) -> None:
-        """Unmap the shard the loader holds open (it reopens on the next :meth:`get`)."""
+        """Unmap the shard the loader holds open (it reopens on the next :meth:`get`).
+
+        Also closes the file :meth:`read` keeps open.
+        """
+        self._close_reader()
         if "loader" in self.__dict__:
             self.__dict__.pop("loader").flush()
+
+    def read(self, name: str, scratch: Scratch | None = None) -> torch.Tensor:
+        """Read one whole tensor, for a pass over every tensor.
+
+        Plain reads (:mod:`cpi_merge.io.direct_read`) instead of the loader's mapping:
+        nothing stays mapped, so a pass does not grow the resident memory by a mapped
+        shard per checkpoint. Pickle checkpoints and dtypes the direct reader does not
+        handle go through :meth:`get`. Only the current shard's file is kept open.
+
+        Args:
+            name: Tensor name as stored.
+            scratch: Read into this reused buffer (much faster than fresh memory); the
+                tensor is then valid until the buffer's next use.
+
+        Returns:
+            The tensor, on the CPU, in its stored dtype.
+
+        Raises:
+            CheckpointError: The shard changed since it was checked (names the file).
+        """
+        info = self.tensors.get(name)
+        if self.is_safetensors and info is not None:
+            path = os.path.join(self.path, info.shard)
+            reader = self.__dict__.get("_shard_reader")
+            if reader is None or reader.path != path:
+                self._close_reader()
+                reader = self.__dict__["_shard_reader"] = ShardReader(path)
+            tensor = reader.read(name, scratch)
+            if tensor is not None:
+                return tensor
+        return self.get(name)
+
+    def _close_reader(self) -> None:
+        reader = self.__dict__.pop("_shard_reader", None)
+        if reader is not None:
+            reader.close()
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (only that tensor's bytes are read).
@@ -86,6 +131,16 @@ class Checkpoint:
 
         """
         return self.loader.get_tensor(name)
+
+    def mark_read(self, name: str) -> None:
+        """Say that every byte of tensor ``name`` has just been read (it is in the page cache).
+
+        A pass over the whole model calls this after each tensor, so that the inputs'
+        SHA-256 can be computed from the same read (:mod:`cpi_merge.io.follow_hash`).
+        :meth:`get` alone does not: the tensor it returns is mapped, not read yet.
+        """
+        if self.on_read is not None and name in self.tensors:
+            self.on_read(self.tensors[name])
 
     @property
     def float_tensors(self) -> list[TensorInfo]:

@@ -1,32 +1,43 @@
 """``cpi_manifest.json``: sizes and SHA-256 of every input and output file of a merge.
 
 safetensors has no checksum of its own, so ``cpi-merge`` records the SHA-256 of every
-input and output file. Hashing a 7B checkpoint is seconds of CPU; the inputs' hashes do
-not depend on the merge, so ``cpi-merge`` makes its :class:`Manifest` and starts hashing
-the inputs in a background thread before it even imports mergekit; the merge then uses
-those digests, provided no file changed since (same names, sizes and modification
-times), else it hashes again. ``update`` releases the GIL, so the hashing runs beside
-the imports and the merge on the other core. The manifest is written last: a folder
-with a manifest is a complete one.
+input and output file. The inputs' hashes do not depend on the merge, so ``cpi-merge``
+makes its :class:`Manifest` and starts hashing the inputs in a background thread before
+it even imports mergekit; the merge then uses those digests, provided no file changed
+since (same names, sizes and modification times), else it hashes again. ``update``
+releases the GIL, so the hashing runs beside the imports and the merge on the other core.
+
+When the merge runs the analysis, the checkpoints are *held* (``hash_inputs(hold=True)``)
+and hashed behind the analysis's own first read (:meth:`Manifest.following`,
+:mod:`cpi_merge.io.follow_hash`): a checkpoint larger than the page cache is then read
+from disk once for both, not twice. The manifest is written last: a folder with a
+manifest is a complete one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, wait
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import CancelledError, Future, wait
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from cpi_merge.io.cache_room import inputs_fit_in_cache, page_cache_room
+from cpi_merge.io.follow_hash import FileStamp, FollowingHasher, ReadReporter, reader_spans
+
+if TYPE_CHECKING:
+    from cpi_merge.io.checkpoints import Checkpoint
+
+LOG = logging.getLogger(__name__)
 HASHED_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt", ".jinja")
 _WINDOW = 64 << 20  # a multiple of the page size
-
-FileStamp = tuple[str, int, int]
-"""(name, size, mtime_ns) of one file."""
 
 
 def _stamps(folder: Path) -> list[FileStamp]:
@@ -101,22 +112,30 @@ class _Worker:
         self._thread: threading.Thread | None = None
 
     def submit(self, job: Callable[[], dict]) -> Future:
+        """Run ``job`` after the jobs before it; its result or exception goes to the future."""
         future: Future = Future()
-        self._queue.put((future, job))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="cpi-hash", daemon=True)
-            self._thread.start()
-        return future
 
-    def _run(self) -> None:
-        while True:
-            future, job = self._queue.get()
+        def run() -> None:
             if not future.set_running_or_notify_cancel():
-                continue
+                return
             try:
                 future.set_result(job())
             except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for it
                 future.set_exception(exc)
+
+        self.run_later(run)
+        return future
+
+    def run_later(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (which reports its own results) after the jobs before it."""
+        self._queue.put(job)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cpi-hash", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._queue.get()()
 
 
 class Manifest:
@@ -130,6 +149,7 @@ class Manifest:
         self.enabled = enabled
         self._worker = _Worker()
         self._inputs: dict[str, tuple[list[FileStamp], Future]] = {}
+        self._hashers: dict[str, FollowingHasher] = {}  # by input folder
         self._output: Future | None = None
         self._lock = threading.Lock()
         self._queued = 0  # bytes handed to the worker, and bytes it has hashed
@@ -138,24 +158,96 @@ class Manifest:
     def _count(self, n: int) -> None:  # the worker's progress (one writer: the worker)
         self._hashed += n
 
-    def hash_inputs(self, folders: Iterable[str | os.PathLike]) -> None:
-        """Start hashing these folders (ones already started, or not folders, are skipped)."""
+    def hash_inputs(self, folders: Iterable[str | os.PathLike], *, hold: bool = False) -> None:
+        """Start hashing these folders (ones already started, or not folders, are skipped).
+
+        Args:
+            folders: The input folders.
+            hold: Hash their ``.safetensors`` files only as the analysis reads them
+                (:meth:`following`), or once :meth:`release` is called; every other
+                file is hashed at once. Whatever waits for a digest releases first.
+                Ignored when the checkpoints fit in the page cache
+                (:mod:`cpi_merge.io.cache_room`): hashing them at once then costs no
+                extra read and runs while mergekit is imported.
+        """
         if not self.enabled:
             return
         with self._lock:
+            new: dict[str, list[FileStamp]] = {}
             for folder in folders:
                 key = os.path.realpath(folder)
-                if key in self._inputs or not os.path.isdir(key):
+                if key in self._inputs or key in new or not os.path.isdir(key):
                     continue
                 try:
-                    stamps = _stamps(Path(key))
+                    new[key] = _stamps(Path(key))
                 except OSError:
                     continue
-                job = self._worker.submit(
-                    lambda key=key, stamps=stamps: hash_folder(key, self._count, stamps)
+            if not new:
+                return
+            if hold:
+                tensors = sum(
+                    size
+                    for stamps in new.values()
+                    for name, size, _ in stamps
+                    if name.endswith(".safetensors")
                 )
+                hold = not inputs_fit_in_cache(tensors, page_cache_room())
+            hasher = FollowingHasher(new, hold=hold, progress=self._count)
+            for key, stamps in new.items():
                 self._queued += sum(size for _, size, _ in stamps)
-                self._inputs[key] = (stamps, job)
+                self._inputs[key] = (stamps, hasher.futures[key])
+                self._hashers[key] = hasher
+            self._worker.run_later(hasher.run)
+
+    def _live_hashers(self) -> list[FollowingHasher]:
+        with self._lock:
+            return list({id(h): h for h in self._hashers.values()}.values())
+
+    def release(self) -> None:
+        """Let every held input be hashed as fast as possible (no analysis follows)."""
+        for hasher in self._live_hashers():
+            hasher.release_all()
+
+    @contextmanager
+    def following(self, readers: Sequence[Checkpoint], names: Iterable[str]) -> Iterator[None]:
+        """Hash the held inputs behind these checkpoints' reads, until the block ends.
+
+        Each reader's folder is hashed as far as the reader has reported reading
+        (:meth:`Checkpoint.mark_read`), every byte it will not read (the header, tensors
+        not in ``names``) at once; held folders of no reader are released at once. On
+        leaving the block, normally or by an exception, everything is released.
+
+        Args:
+            readers: The checkpoints the analysis reads (base and tasks).
+            names: The tensors it reads from each of them.
+        """
+        names = set(names)
+        expected: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (folder, file): ranges
+        hooked: list[Checkpoint] = []
+        try:
+            for ckpt in readers if self.enabled else []:
+                key = os.path.realpath(ckpt.path)
+                hasher = self._hashers.get(key)
+                if hasher is None or not ckpt.is_safetensors:
+                    continue
+                spans = reader_spans(ckpt, names)
+                for shard, by_name in spans.items():
+                    expected.setdefault((key, shard), []).extend(by_name.values())
+                ckpt.on_read = ReadReporter(hasher, key, spans)
+                hooked.append(ckpt)
+            for hasher in self._live_hashers():
+                hasher.follow(expected)
+            yield
+        finally:
+            for ckpt in hooked:
+                ckpt.on_read = None
+            done = [h.hashed_bytes for h in self._live_hashers()]
+            LOG.debug(
+                "SHA-256 of the inputs: %.2f of %.2f GiB hashed during the analysis",
+                sum(d for d, _ in done) / 2**30,
+                sum(t for _, t in done) / 2**30,
+            )
+            self.release()
 
     def input_digests(self, folder: str | os.PathLike) -> dict[str, dict] | None:
         """Digests of an input folder: the background result if its files are unchanged.
@@ -168,11 +260,14 @@ class Manifest:
         key = os.path.realpath(folder)
         with self._lock:
             started = self._inputs.pop(key, None)
+            hasher = self._hashers.get(key)
         if started is not None:
             stamps, job = started
+            if hasher is not None:
+                hasher.release_all()  # needed now: never wait for a read that may not come
             try:
                 digests = job.result()
-            except (OSError, ValueError):  # e.g. a file emptied after it was listed
+            except (OSError, ValueError, CancelledError):  # e.g. a file emptied after listing
                 digests = None
             if digests is not None and stamps == _stamps(Path(key)):
                 return digests
@@ -222,6 +317,7 @@ class Manifest:
             progress: Show a progress bar if the hashing is still running.
             **header: Provenance fields written first (``created_by``, ``mergekit``).
         """
+        self.release()
         if progress and self.enabled:
             self._wait_with_progress()
         record = {
@@ -240,11 +336,12 @@ class Manifest:
         (Path(folder) / MANIFEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
     def cancel(self) -> None:
-        """Drop hashing that has not started (a failed merge needs none of it)."""
+        """Stop the input hashing and drop output hashing not yet started (a failed merge)."""
+        for hasher in self._live_hashers():
+            hasher.cancel()
         with self._lock:
-            for _, job in self._inputs.values():
-                job.cancel()
             self._inputs.clear()
+            self._hashers.clear()
         if self._output is not None:
             self._output.cancel()
 
