@@ -175,8 +175,8 @@ def measure_size(
                 f"{size}B round {r + 1}: {name:16s} {wall_s:7.2f} s  {rss_mib:8.0f} MiB",
                 flush=True,
             )
-    for name in commands:  # outputs are GBs: keep the disk for the next size
-        fresh(out / ("analysis" if name == "cpi-analyze" else name))
+    for folder in ("task_arithmetic", "analysis", "cpi"):  # GBs: keep the disk for the next size
+        fresh(out / folder)
     input_bytes = sum(f.stat().st_size for d in (base, *task_dirs) for f in d.glob("*.safetensors"))
     return {
         "size": size,
