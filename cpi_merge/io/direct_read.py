@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from typing import BinaryIO
 
 import torch
 
@@ -27,6 +29,28 @@ _DTYPES = {
     "F32": torch.float32,
     "F64": torch.float64,
 }
+
+
+def read_header(file: BinaryIO) -> tuple[int, dict[str, dict]]:
+    """A safetensors file's header: where its data starts, and its tensor entries.
+
+    Args:
+        file: The file, opened in binary mode (read from its start).
+
+    Returns:
+        ``(data start, {name: {"dtype", "shape", "data_offsets"}})``; offsets in the
+        entries are relative to the data start.
+
+    Raises:
+        ValueError: The file does not start with a readable safetensors header.
+        OSError: It cannot be read.
+    """
+    file.seek(0)
+    length = int.from_bytes(file.read(8), "little")
+    if not 0 < length <= os.fstat(file.fileno()).st_size - 8:
+        raise ValueError(f"header length {length} does not fit the file")
+    header = json.loads(file.read(length))
+    return 8 + length, {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 class Scratch:
@@ -66,20 +90,10 @@ class ShardReader:
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot be opened ({exc.strerror})") from None
         try:
-            size = int.from_bytes(self._read_at(8, 0, "the header length"), "little")
-            header = json.loads(self._read_at(size, 8, "the header"))
-        except (ValueError, CheckpointError) as exc:
+            self._data_start, self._entries = read_header(self._file)
+        except (ValueError, OSError) as exc:
             self.close()
             raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
-        self._data_start = 8 + size
-        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
-
-    def _read_at(self, size: int, offset: int, what: str) -> bytes:
-        self._file.seek(offset)
-        data = self._file.read(size)
-        if len(data) != size:
-            raise CheckpointError(f"{self.path}: the file ends inside {what}")
-        return data
 
     def read(self, name: str, scratch: Scratch | None = None) -> torch.Tensor | None:
         """The tensor ``name``; None when its dtype is not handled here.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import mmap
 import os
 import threading
@@ -30,6 +29,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from cpi_merge.io.direct_read import read_header
 
 if TYPE_CHECKING:
     from cpi_merge.io.checkpoints import Checkpoint, TensorInfo
@@ -111,16 +112,14 @@ def safetensors_spans(path: str | os.PathLike) -> tuple[int, dict[str, tuple[int
         OSError: It cannot be read.
     """
     with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if not 0 < length <= os.fstat(f.fileno()).st_size - 8:
-            raise ValueError(f"{path}: header length {length} does not fit the file")
-        header = json.loads(f.read(length))
-    begin = 8 + length
+        try:
+            begin, entries = read_header(f)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     spans = {}
-    for name, entry in header.items():
-        if name != "__metadata__":
-            start, stop = entry["data_offsets"]
-            spans[name] = (begin + int(start), begin + int(stop))
+    for name, entry in entries.items():
+        start, stop = entry["data_offsets"]
+        spans[name] = (begin + int(start), begin + int(stop))
     return begin, spans
 
 
