@@ -205,6 +205,11 @@ class FollowingHasher:
         self._next = 0  # where the round over the files goes on
 
     @property
+    def holds(self) -> bool:
+        """Whether any file waits for releases (False: everything is hashed at once)."""
+        return any(f.held for f in self._files.values())
+
+    @property
     def hashed_bytes(self) -> tuple[int, int]:
         """``(bytes hashed, bytes to hash)`` over every file."""
         with self._cond:

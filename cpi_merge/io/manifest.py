@@ -228,8 +228,8 @@ class Manifest:
             for ckpt in readers if self.enabled else []:
                 key = os.path.realpath(ckpt.path)
                 hasher = self._hashers.get(key)
-                if hasher is None or not ckpt.is_safetensors:
-                    continue
+                if hasher is None or not hasher.holds or not ckpt.is_safetensors:
+                    continue  # nothing waits for this reader: no headers read, no hook
                 spans = reader_spans(ckpt, names)
                 for shard, by_name in spans.items():
                     expected.setdefault((key, shard), []).extend(by_name.values())
