@@ -58,7 +58,8 @@ class Scratch:
 
     Fresh memory for every tensor costs a page fault (and the kernel zeroing the page)
     per 4 KiB: reading 0.94 GB of bf16 tensors took 4.2 s into fresh memory and 0.5 s
-    into a reused buffer on the benchmark machine. A tensor read into a scratch buffer
+    into a reused buffer on the benchmark machine (while other jobs ran: the ratio is the
+    point, not the times). A tensor read into a scratch buffer
     is valid until the next read into the same buffer.
     """
 
