@@ -78,16 +78,38 @@ def test_a_pass_reads_every_tensor_as_the_loader_does_without_mapping(tiny_famil
     assert "_shard_reader" not in direct.__dict__
 
 
-def test_a_scratch_buffer_is_reused_and_grown(tmp_path):
-    path = str(tmp_path / "m.safetensors")
+def test_a_slot_maps_each_tensor_and_holds_only_the_newest(tmp_path):
+    import weakref
+
+    path = tmp_path / "m.safetensors"
     data = tensors()
-    save_file(data, path)
-    reader, scratch = ShardReader(path), Scratch()
+    save_file(data, str(path))
+    before = path.read_bytes()
+    reader, slot = ShardReader(str(path)), Scratch()
     try:
         for name in ("f32", "bf16", "f16", "f64", "scalar", "empty"):
-            got = reader.read(name, scratch)
-            assert torch.equal(got, data[name])  # right while it is the newest
-        small = reader.read("f16", scratch)
-        assert small.data_ptr() == scratch.take(1).data_ptr()  # no new memory
+            got = reader.read(name, slot)
+            assert got.dtype == data[name].dtype and torch.equal(got, data[name])
+        first = reader.read("f32", slot)
+        first.mul_(2)  # copy-on-write: the file never changes
+        gone = weakref.ref(first)
+        del first
+        reader.read("bf16", slot)
+        assert gone() is None  # the slot let go of the older tensor (and its mapping)
+        assert torch.equal(reader.read("f32", slot), data["f32"])
+    finally:
+        reader.close()
+    assert path.read_bytes() == before
+
+
+def test_a_truncated_file_names_the_tensor_when_mapped(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.ones(1000)}, str(path))
+    reader, slot = ShardReader(str(path)), Scratch()
+    os.truncate(path, path.stat().st_size - 100)
+    try:
+        assert torch.equal(reader.read("a", slot), torch.ones(4))
+        with pytest.raises(CheckpointError, match=r"ends inside tensor 'b' .*truncated"):
+            reader.read("b", slot)
     finally:
         reader.close()

@@ -91,7 +91,7 @@ class DeltaStream:
         self.stats = UpdateStats(len(self.tasks), energy_curve=energy_curve)
         self._bytes = [self._stored_bytes(t.name) for t in self.tensors]
         self._passes = 0
-        # One read buffer per model (not per checkpoint: a recipe may list one twice).
+        # One read slot per model (not per checkpoint: a recipe may list one twice).
         self._scratch = [Scratch() for _ in range(1 + len(self.tasks))]
 
     @property
@@ -108,7 +108,7 @@ class DeltaStream:
         return size
 
     def _load(self, ckpt: Checkpoint, name: str, scratch: Scratch) -> torch.Tensor:
-        x = ckpt.read(name, scratch)  # into a reused buffer: nothing stays mapped
+        x = ckpt.read(name, scratch)  # mapped alone, dropped at the slot's next read
         if self.cast is not None and x.dtype != self.cast:
             x = x.to(self.cast)
         return x.reshape(-1)

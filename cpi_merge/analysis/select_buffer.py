@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cpi_merge.analysis.boundary import Resolved, TensorLayout, resolve_boundary
+from cpi_merge.analysis.positions import positions_at_least
 from cpi_merge.analysis.radix import HIGH_BUCKETS, bucket_floor, high_keys, top_bucket
 from cpi_merge.analysis.selection import (
     CoreSelection,
@@ -77,13 +78,7 @@ class _TopKBuffer:
 
     def add(self, chunk: DeltaChunk, task: int):
         delta, base, offset = chunk.deltas[task], chunk.base, chunk.offset
-        if self.cut > 0:
-            if float(delta.max()) < self.cut:  # most chunks, once the cut is high
-                return
-            mask = delta >= self.cut
-        else:
-            mask = delta > 0
-        local = mask.nonzero().squeeze(1)
+        local = positions_at_least(delta, self.cut)  # every Δ > 0 while the cut is 0
         n = local.numel()
         if n == 0:
             return

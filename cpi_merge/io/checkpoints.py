@@ -87,15 +87,16 @@ class Checkpoint:
     def read(self, name: str, scratch: Scratch | None = None) -> torch.Tensor:
         """Read one whole tensor, for a pass over every tensor.
 
-        Plain reads (:mod:`cpi_merge.io.direct_read`) instead of the loader's mapping:
-        nothing stays mapped, so a pass does not grow the resident memory by a mapped
-        shard per checkpoint. Pickle checkpoints and dtypes the direct reader does not
-        handle go through :meth:`get`. Only the current shard's file is kept open.
+        The tensor alone, not its shard, is read (:mod:`cpi_merge.io.direct_read`)
+        instead of through the loader's mapping of the whole shard: a pass does not
+        grow the resident memory by a mapped shard per checkpoint. Pickle checkpoints
+        and dtypes the direct reader does not handle go through :meth:`get`. Only the
+        current shard's file is kept open.
 
         Args:
             name: Tensor name as stored.
-            scratch: Read into this reused buffer (much faster than fresh memory); the
-                tensor is then valid until the buffer's next use.
+            scratch: The read slot (the tensor is mapped into it, valid until the slot's
+                next read; much faster than copying into fresh memory).
 
         Returns:
             The tensor, on the CPU, in its stored dtype.

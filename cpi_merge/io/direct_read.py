@@ -1,11 +1,16 @@
-"""Read whole safetensors tensors straight into their own memory: no mapping is kept.
+"""Read whole safetensors tensors one at a time: nothing stays mapped after its use.
 
-safetensors' ``safe_open`` (mergekit's loader) maps a shard and copies each tensor out
-of the mapping; every page it touched stays in the process's resident set until the
+safetensors' ``safe_open`` (mergekit's loader) maps a whole shard and copies each tensor
+out of the mapping; every page it touched stays in the process's resident set until the
 shard is closed, so a pass over a whole model held up to one mapped shard per
 checkpoint (at 2B parameters the analysis peaked at 9.4 GB RSS, above mergekit's merge
-itself). The analysis reads each tensor once, in order: reading it with plain ``read``
-calls into the tensor's memory costs the same single copy, and nothing stays mapped.
+itself). The analysis reads each tensor once, in order. Into a :class:`Scratch` slot, a
+tensor is mapped on its own (copy-on-write, so nothing can write to the file) and read
+straight from the page cache; the slot drops it at its next read and the mapping goes
+with the last view of it, so at most one tensor per slot is resident. That is about 3x
+faster than copying the bytes out with ``read`` (0.08 s against 0.29 s for 0.94 GB of
+bf16 converted to float32, warm page cache, benchmark machine) and keeps the memory as
+low. Without a slot the tensor is read into its own fresh memory.
 
 Only little-endian machines and floating-point dtypes are read here (what the analysis
 reads); anything else returns None and the caller uses mergekit's loader.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import sys
 from typing import BinaryIO
@@ -54,24 +60,19 @@ def read_header(file: BinaryIO) -> tuple[int, dict[str, dict]]:
 
 
 class Scratch:
-    """A reusable byte buffer for :meth:`ShardReader.read`.
+    """A read slot for :meth:`ShardReader.read`: it holds the newest tensor read into it.
 
-    Fresh memory for every tensor costs a page fault (and the kernel zeroing the page)
-    per 4 KiB: reading 0.94 GB of bf16 tensors took 4.2 s into fresh memory and 0.5 s
-    into a reused buffer on the benchmark machine (while other jobs ran: the ratio is the
-    point, not the times). A tensor read into a scratch buffer
-    is valid until the next read into the same buffer.
+    Reading into a slot maps the tensor (see the module docstring) and drops the tensor
+    read before it, whose mapping goes when its last view does. A tensor read into a
+    slot is valid until the next read into the same slot.
     """
 
     def __init__(self) -> None:
-        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._held: torch.Tensor | None = None
 
-    def take(self, nbytes: int) -> torch.Tensor:
-        """The first ``nbytes`` of the buffer (grown to fit; the old contents are lost)."""
-        if self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(0, dtype=torch.uint8)  # free before allocating
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buffer[:nbytes]
+    def hold(self, tensor: torch.Tensor | None) -> None:
+        """Keep ``tensor`` until the next read (None: drop the one held)."""
+        self._held = tensor
 
 
 class ShardReader:
@@ -101,8 +102,8 @@ class ShardReader:
 
         Args:
             name: Tensor name.
-            scratch: Read into this buffer (the tensor is valid until its next use)
-                instead of fresh memory.
+            scratch: Map the tensor into this slot (valid until the slot's next read)
+                instead of reading it into fresh memory.
 
         Raises:
             CheckpointError: The tensor is not in this file, its byte range does not
@@ -126,10 +127,16 @@ class ShardReader:
                 f"{self.path}: tensor {name!r} spans {stop - start:,} bytes, but its shape "
                 f"{list(shape)} and dtype {entry['dtype']} need {nbytes:,}"
             )
-        if scratch is None:
-            raw = torch.empty(nbytes, dtype=torch.uint8)
-        else:
-            raw = scratch.take(nbytes)
+        if scratch is not None:
+            scratch.hold(None)  # its old mapping goes before the new one is made
+            if nbytes:
+                raw = self._mapped(name, self._data_start + start, nbytes)
+            else:
+                raw = torch.empty(0, dtype=torch.uint8)
+            tensor = raw.view(dtype).view(shape)
+            scratch.hold(tensor)
+            return tensor
+        raw = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(raw.numpy())
             self._file.seek(self._data_start + start)
@@ -137,13 +144,29 @@ class ShardReader:
             while got < nbytes:
                 n = self._file.readinto(view[got:])
                 if not n:
-                    raise CheckpointError(
-                        f"{self.path}: the file ends inside tensor {name!r} ({got:,} of "
-                        f"{nbytes:,} bytes read): it is shorter than its header says "
-                        "(truncated or replaced since it was checked?)"
-                    )
+                    raise self._truncated(name, got, nbytes)
                 got += n
         return raw.view(dtype).view(shape)
+
+    def _truncated(self, name: str, got: int, nbytes: int) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path}: the file ends inside tensor {name!r} ({got:,} of {nbytes:,} bytes "
+            "there): it is shorter than its header says (truncated or replaced since it "
+            "was checked?)"
+        )
+
+    def _mapped(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        """The bytes ``[offset, offset + nbytes)`` of the file, mapped copy-on-write."""
+        size = os.fstat(self._file.fileno()).st_size
+        if offset + nbytes > size:
+            raise self._truncated(name, max(0, size - offset), nbytes)
+        page = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(
+            self._file.fileno(), offset + nbytes - page, access=mmap.ACCESS_COPY, offset=page
+        )
+        mapping.madvise(mmap.MADV_WILLNEED)  # start reading it in now, if it is not cached
+        # The tensor keeps the mapping alive; it is unmapped with the tensor's last view.
+        return torch.frombuffer(mapping, dtype=torch.uint8, offset=offset - page, count=nbytes)
 
     def close(self) -> None:
         """Close the file."""
