@@ -104,6 +104,14 @@ def hash_folder(
 MANIFEST_FILE = "cpi_manifest.json"
 
 
+def _lower_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: nice 19, this thread only)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: hashing still runs
+        pass
+
+
 class _Worker:
     """One daemon thread running hashing jobs in order (an exit never waits for it)."""
 
@@ -134,6 +142,7 @@ class _Worker:
             self._thread.start()
 
     def _run(self) -> None:
+        _lower_priority()
         while True:
             self._queue.get()()
 
