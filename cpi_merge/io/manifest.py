@@ -113,11 +113,18 @@ def _lower_priority() -> None:
 
 
 class _Worker:
-    """One daemon thread running hashing jobs in order (an exit never waits for it)."""
+    """One daemon thread running hashing jobs in order (an exit never waits for it).
 
-    def __init__(self) -> None:
+    Args:
+        low_priority: Run at the lowest CPU priority: the jobs then use only the CPU the
+            merge leaves idle (on 2 cores, the input and output hashes at 2B parameters,
+            ~11 CPU-seconds, otherwise slowed the analysis and the merge beside them).
+    """
+
+    def __init__(self, *, low_priority: bool = False) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._low_priority = low_priority
 
     def submit(self, job: Callable[[], dict]) -> Future:
         """Run ``job`` after the jobs before it; its result or exception goes to the future."""
@@ -142,7 +149,8 @@ class _Worker:
             self._thread.start()
 
     def _run(self) -> None:
-        _lower_priority()
+        if self._low_priority:
+            _lower_priority()
         while True:
             self._queue.get()()
 
@@ -156,7 +164,11 @@ class Manifest:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self._worker = _Worker()
+        # Free-running hashes (inputs that fit in the page cache, the output) take idle
+        # CPU only; a hasher following the analysis's read must keep pace with it, or
+        # the bytes it follows leave the cache before it gets to them.
+        self._idle_worker = _Worker(low_priority=True)
+        self._following_worker = _Worker()
         self._inputs: dict[str, tuple[list[FileStamp], Future]] = {}
         self._hashers: dict[str, FollowingHasher] = {}  # by input folder
         self._output: Future | None = None
@@ -164,8 +176,9 @@ class Manifest:
         self._queued = 0  # bytes handed to the worker, and bytes it has hashed
         self._hashed = 0
 
-    def _count(self, n: int) -> None:  # the worker's progress (one writer: the worker)
-        self._hashed += n
+    def _count(self, n: int) -> None:  # the workers' progress
+        with self._lock:
+            self._hashed += n
 
     def hash_inputs(self, folders: Iterable[str | os.PathLike], *, hold: bool = False) -> None:
         """Start hashing these folders (ones already started, or not folders, are skipped).
@@ -206,7 +219,8 @@ class Manifest:
                 self._queued += sum(size for _, size, _ in stamps)
                 self._inputs[key] = (stamps, hasher.futures[key])
                 self._hashers[key] = hasher
-            self._worker.run_later(hasher.run)
+            worker = self._following_worker if hold else self._idle_worker
+            worker.run_later(hasher.run)
 
     def _live_hashers(self) -> list[FollowingHasher]:
         with self._lock:
@@ -287,7 +301,9 @@ class Manifest:
         if self.enabled:
             stamps = _stamps(Path(folder))
             self._queued += sum(size for _, size, _ in stamps)
-            self._output = self._worker.submit(lambda: hash_folder(folder, self._count, stamps))
+            self._output = self._idle_worker.submit(
+                lambda: hash_folder(folder, self._count, stamps)
+            )
 
     def _wait_with_progress(self) -> None:
         """Show a bar of the bytes hashed while the background hashing is not done yet."""
