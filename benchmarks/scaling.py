@@ -100,6 +100,10 @@ def run_measured(
     return wall, usage.ru_maxrss / 1024
 
 
+OUTPUTS = {"task_arithmetic": "task_arithmetic", "cpi-analyze": "analysis", "cpi-merge": "cpi"}
+"""Each command's output folder under the family's ``out``."""
+
+
 def _family(workdir: Path, size: str, tasks: int) -> tuple[Path, Path, list[Path]]:
     shape = SIZES[size]
     work = workdir / f"scale_{size}b_{tasks}t"
@@ -143,7 +147,7 @@ def measure_size(
         "task_arithmetic": lambda: [
             str(BIN / "mergekit-yaml"),
             str(recipes["task_arithmetic"]),
-            str(fresh(out / "task_arithmetic")),
+            str(fresh(out / OUTPUTS["task_arithmetic"])),
             "--no-copy-tokenizer",
             "--quiet",
         ],
@@ -151,32 +155,35 @@ def measure_size(
             str(BIN / "cpi-analyze"),
             str(recipes["cpi"]),
             "--out",
-            str(fresh(out / "analysis")),
+            str(fresh(out / OUTPUTS["cpi-analyze"])),
             "-q",
             "--no-plots",
         ],
         "cpi-merge": lambda: [
             str(BIN / "cpi-merge"),
             str(recipes["cpi"]),
-            str(fresh(out / "cpi")),
+            str(fresh(out / OUTPUTS["cpi-merge"])),
             "--quiet",
         ],
     }
     if group is None:
         run_measured(commands["cpi-analyze"](), work)  # warm the page cache
+        fresh(out / OUTPUTS["cpi-analyze"])
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for r in range(repeat):
         for name, cmd in commands.items():
             if group is not None:
                 group.drop_cache()
             samples[name].append(run_measured(cmd(), work, group))
+            # Its output goes at once: GBs of written pages would otherwise stay in the
+            # page cache and push the inputs out for the next command (at 2B inputs and
+            # outputs exceed this machine's cache), so every command starts alike.
+            fresh(out / OUTPUTS[name])
             wall_s, rss_mib = samples[name][-1]
             print(
                 f"{size}B round {r + 1}: {name:16s} {wall_s:7.2f} s  {rss_mib:8.0f} MiB",
                 flush=True,
             )
-    for folder in ("task_arithmetic", "analysis", "cpi"):  # GBs: keep the disk for the next size
-        fresh(out / folder)
     input_bytes = sum(f.stat().st_size for d in (base, *task_dirs) for f in d.glob("*.safetensors"))
     return {
         "size": size,
