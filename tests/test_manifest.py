@@ -135,27 +135,3 @@ def test_waiting_for_the_hashes_shows_a_bar_of_bytes(tmp_path, monkeypatch, caps
     assert "checksums (SHA-256)" in err and "100%" in err  # every byte counted
     record = yaml.safe_load((out / manifest_module.MANIFEST_FILE).read_text())
     assert record["inputs"][0]["files"] == _reference(folder)
-
-
-def test_free_running_hashes_take_idle_cpu_only_and_following_ones_keep_pace(tmp_path):
-    """Inputs hashed at once and the output run at nice 19; a following hasher does not."""
-    import sys
-
-    import pytest
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("per-thread priorities are a Linux feature")
-    folder = _folder(tmp_path, "m", {"model.safetensors": b"x" * 100})
-    manifest = Manifest()
-    manifest.hash_inputs([folder])  # fits in the page cache: hashed at once
-    _wait(manifest, folder)
-    manifest.hash_output(folder)
-    manifest._output.result()
-    idle = manifest._idle_worker._thread
-    assert os.getpriority(os.PRIO_PROCESS, idle.native_id) == 19
-    assert manifest._following_worker._thread is None  # nothing held, nothing to follow
-    manifest._following_worker.run_later(lambda: None)
-    following = manifest._following_worker._thread
-    assert os.getpriority(os.PRIO_PROCESS, following.native_id) == os.getpriority(
-        os.PRIO_PROCESS, 0
-    )

@@ -104,27 +104,12 @@ def hash_folder(
 MANIFEST_FILE = "cpi_manifest.json"
 
 
-def _lower_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux: nice 19, this thread only)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: hashing still runs
-        pass
-
-
 class _Worker:
-    """One daemon thread running hashing jobs in order (an exit never waits for it).
+    """One daemon thread running hashing jobs in order (an exit never waits for it)."""
 
-    Args:
-        low_priority: Run at the lowest CPU priority: the jobs then use only the CPU the
-            merge leaves idle (on 2 cores, the input and output hashes at 2B parameters,
-            ~11 CPU-seconds, otherwise slowed the analysis and the merge beside them).
-    """
-
-    def __init__(self, *, low_priority: bool = False) -> None:
+    def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._low_priority = low_priority
 
     def submit(self, job: Callable[[], dict]) -> Future:
         """Run ``job`` after the jobs before it; its result or exception goes to the future."""
@@ -149,8 +134,6 @@ class _Worker:
             self._thread.start()
 
     def _run(self) -> None:
-        if self._low_priority:
-            _lower_priority()
         while True:
             self._queue.get()()
 
@@ -164,11 +147,7 @@ class Manifest:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        # Free-running hashes (inputs that fit in the page cache, the output) take idle
-        # CPU only; a hasher following the analysis's read must keep pace with it, or
-        # the bytes it follows leave the cache before it gets to them.
-        self._idle_worker = _Worker(low_priority=True)
-        self._following_worker = _Worker()
+        self._worker = _Worker()
         self._inputs: dict[str, tuple[list[FileStamp], Future]] = {}
         self._hashers: dict[str, FollowingHasher] = {}  # by input folder
         self._output: Future | None = None
@@ -176,9 +155,8 @@ class Manifest:
         self._queued = 0  # bytes handed to the worker, and bytes it has hashed
         self._hashed = 0
 
-    def _count(self, n: int) -> None:  # the workers' progress
-        with self._lock:
-            self._hashed += n
+    def _count(self, n: int) -> None:  # the worker's progress (one writer: the worker)
+        self._hashed += n
 
     def hash_inputs(self, folders: Iterable[str | os.PathLike], *, hold: bool = False) -> None:
         """Start hashing these folders (ones already started, or not folders, are skipped).
@@ -219,8 +197,7 @@ class Manifest:
                 self._queued += sum(size for _, size, _ in stamps)
                 self._inputs[key] = (stamps, hasher.futures[key])
                 self._hashers[key] = hasher
-            worker = self._following_worker if hold else self._idle_worker
-            worker.run_later(hasher.run)
+            self._worker.run_later(hasher.run)
 
     def _live_hashers(self) -> list[FollowingHasher]:
         with self._lock:
@@ -301,9 +278,7 @@ class Manifest:
         if self.enabled:
             stamps = _stamps(Path(folder))
             self._queued += sum(size for _, size, _ in stamps)
-            self._output = self._idle_worker.submit(
-                lambda: hash_folder(folder, self._count, stamps)
-            )
+            self._output = self._worker.submit(lambda: hash_folder(folder, self._count, stamps))
 
     def _wait_with_progress(self) -> None:
         """Show a bar of the bytes hashed while the background hashing is not done yet."""
