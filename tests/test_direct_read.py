@@ -64,7 +64,7 @@ def test_an_unreadable_header_is_a_checkpoint_error(tmp_path):
         ShardReader(str(path))
 
 
-def test_a_pass_reads_every_tensor_as_the_loader_does_without_mapping(tiny_family):
+def test_a_pass_reads_every_tensor_as_the_loader_does_without_its_shard_mapping(tiny_family):
     from cpi_merge.io.checkpoints import open_checkpoint
 
     base, _ = tiny_family

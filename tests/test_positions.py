@@ -41,3 +41,14 @@ def test_a_long_sparse_chunk():
     assert torch.equal(positions_at_least(values, 2.0), at[1:])
     assert torch.equal(positions_at_least(values, 0.0), at)
     assert torch.equal(positions_at_least(values, 100.0), torch.empty(0, dtype=torch.int64))
+
+
+def test_nan_never_passes_and_a_bad_cut_is_refused():
+    import pytest
+
+    values = torch.tensor([float("nan"), 0.0, 1.0, 2.0])
+    assert torch.equal(positions_at_least(values, 1.0), torch.tensor([2, 3]))
+    assert torch.equal(positions_at_least(values, 0.0), torch.tensor([2, 3]))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="a cut is a"):
+            positions_at_least(values, bad)

@@ -42,11 +42,16 @@ def positions_at_least(values: torch.Tensor, cut: float) -> torch.Tensor:
 
     Args:
         values: 1-D contiguous float32 on the CPU (|Δ|: NaN never passes).
-        cut: A float32 value (held exactly); 0 asks for the non-zero entries.
+        cut: A float32 value (held exactly), >= 0; 0 asks for the non-zero entries.
 
     Returns:
         int64 positions, the same as ``(values >= cut).nonzero()`` (``> 0`` for 0).
+
+    Raises:
+        ValueError: ``cut`` is negative or NaN.
     """
+    if not cut >= 0:
+        raise ValueError(f"a cut is a |Δ| value, >= 0; got {cut!r}")
     array = values.numpy()
     threshold = np.float32(cut)
     mask = array > threshold if cut == 0 else array >= threshold

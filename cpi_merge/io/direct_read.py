@@ -7,10 +7,16 @@ checkpoint (at 2B parameters the analysis peaked at 9.4 GB RSS, above mergekit's
 itself). The analysis reads each tensor once, in order. Into a :class:`Scratch` slot, a
 tensor is mapped on its own (copy-on-write, so nothing can write to the file) and read
 straight from the page cache; the slot drops it at its next read and the mapping goes
-with the last view of it, so at most one tensor per slot is resident. That is about 3x
-faster than copying the bytes out with ``read`` (0.08 s against 0.29 s for 0.94 GB of
-bf16 converted to float32, warm page cache, benchmark machine) and keeps the memory as
-low. Without a slot the tensor is read into its own fresh memory.
+with the last view of it, so a pass holds the current tensor of each model (and the one
+before it, for as long as a caller still holds a view of it). That is about 3x faster
+than copying the bytes out with ``read`` (0.08 s against 0.29 s for 0.94 GB of bf16
+converted to float32, warm page cache, benchmark machine). Without a slot the tensor is
+read into its own fresh memory.
+
+A file cut shorter than its header says is caught before its tensor is mapped; one cut
+shorter *while* its tensor is being read ends the process with SIGBUS, as with any
+mapped read (safetensors' own loader included). A file replaced by renaming a new one
+over it is safe: the mapping keeps the old file.
 
 Only little-endian machines and floating-point dtypes are read here (what the analysis
 reads); anything else returns None and the caller uses mergekit's loader.
@@ -108,7 +114,8 @@ class ShardReader:
         Raises:
             CheckpointError: The tensor is not in this file, its byte range does not
                 match its shape, or the file ends before the tensor does (changed since
-                it was checked).
+                it was checked; for a mapped read, when it is mapped: see the module
+                docstring).
         """
         if sys.byteorder != "little":
             return None
@@ -164,7 +171,9 @@ class ShardReader:
         mapping = mmap.mmap(
             self._file.fileno(), offset + nbytes - page, access=mmap.ACCESS_COPY, offset=page
         )
-        mapping.madvise(mmap.MADV_WILLNEED)  # start reading it in now, if it is not cached
+        willneed = getattr(mmap, "MADV_WILLNEED", None)  # not on Windows
+        if willneed is not None:
+            mapping.madvise(willneed)  # start reading it in now, if it is not cached
         # The tensor keeps the mapping alive; it is unmapped with the tensor's last view.
         return torch.frombuffer(mapping, dtype=torch.uint8, offset=offset - page, count=nbytes)
 
