@@ -123,6 +123,22 @@ def safetensors_spans(path: str | os.PathLike) -> tuple[int, dict[str, tuple[int
     return begin, spans
 
 
+def hash_span(
+    digest: hashlib._Hash, mapped: mmap.mmap, start: int, stop: int, *, drop: bool
+) -> None:
+    """Hash bytes ``[start, stop)`` of a mapped file; with ``drop``, then unmap their pages.
+
+    Dropping (``MADV_DONTNEED``, where the platform has it) keeps this process's
+    resident memory at about one span while a large file is hashed.
+    """
+    with memoryview(mapped) as view:
+        digest.update(view[start:stop])  # releases the GIL
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)
+    if drop and dontneed is not None:
+        page = start - start % mmap.PAGESIZE
+        mapped.madvise(dontneed, page, stop - page)
+
+
 @dataclass(eq=False)
 class _File:
     folder: str
@@ -156,12 +172,7 @@ class _File:
     def hash_to(self, stop: int) -> int:
         """Hash ``[hashed, stop)``; return how many bytes that was."""
         start = self.hashed
-        with memoryview(self.mapped) as view:
-            self.digest.update(view[start:stop])  # releases the GIL
-        dontneed = getattr(mmap, "MADV_DONTNEED", None)
-        if dontneed is not None and self.size > _WINDOW:  # drop the pages from this process
-            page = start - start % mmap.PAGESIZE
-            self.mapped.madvise(dontneed, page, stop - page)
+        hash_span(self.digest, self.mapped, start, stop, drop=self.size > _WINDOW)
         self.hashed = stop
         return stop - start
 

@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cpi_merge.io.cache_room import inputs_fit_in_cache, page_cache_room
-from cpi_merge.io.follow_hash import FileStamp, FollowingHasher, ReadReporter, reader_spans
+from cpi_merge.io.follow_hash import (
+    FileStamp,
+    FollowingHasher,
+    ReadReporter,
+    hash_span,
+    reader_spans,
+)
 
 if TYPE_CHECKING:
     from cpi_merge.io.checkpoints import Checkpoint
@@ -72,15 +78,11 @@ def hash_file(path: str | os.PathLike, progress: Callable[[int], None] | None = 
         if size == 0:
             return {"bytes": 0, "sha256": digest.hexdigest()}
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            dontneed = getattr(mmap, "MADV_DONTNEED", None) if size > _WINDOW else None
-            with memoryview(mapped) as view:
-                for start in range(0, size, _WINDOW):
-                    stop = min(start + _WINDOW, size)
-                    digest.update(view[start:stop])  # releases the GIL
-                    if dontneed is not None:
-                        mapped.madvise(dontneed, start, stop - start)
-                    if progress is not None:
-                        progress(stop - start)
+            for start in range(0, size, _WINDOW):
+                stop = min(start + _WINDOW, size)
+                hash_span(digest, mapped, start, stop, drop=size > _WINDOW)
+                if progress is not None:
+                    progress(stop - start)
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
