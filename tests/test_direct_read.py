@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cpi_merge.errors import CheckpointError
-from cpi_merge.io.direct_read import Scratch, ShardReader
+from cpi_merge.io.direct_read import ReadSlot, ShardReader
 
 
 def tensors():
@@ -85,7 +85,7 @@ def test_a_slot_maps_each_tensor_and_holds_only_the_newest(tmp_path):
     data = tensors()
     save_file(data, str(path))
     before = path.read_bytes()
-    reader, slot = ShardReader(str(path)), Scratch()
+    reader, slot = ShardReader(str(path)), ReadSlot()
     try:
         for name in ("f32", "bf16", "f16", "f64", "scalar", "empty"):
             got = reader.read(name, slot)
@@ -105,7 +105,7 @@ def test_a_slot_maps_each_tensor_and_holds_only_the_newest(tmp_path):
 def test_a_truncated_file_names_the_tensor_when_mapped(tmp_path):
     path = tmp_path / "m.safetensors"
     save_file({"a": torch.ones(4), "b": torch.ones(1000)}, str(path))
-    reader, slot = ShardReader(str(path)), Scratch()
+    reader, slot = ShardReader(str(path)), ReadSlot()
     os.truncate(path, path.stat().st_size - 100)
     try:
         assert torch.equal(reader.read("a", slot), torch.ones(4))

@@ -19,7 +19,7 @@ from cpi_merge.analysis.update_stats import UpdateStats
 from cpi_merge.errors import NonFiniteError
 from cpi_merge.faults import pause_point
 from cpi_merge.io.checkpoints import Checkpoint, TensorInfo
-from cpi_merge.io.direct_read import Scratch
+from cpi_merge.io.direct_read import ReadSlot
 from cpi_merge.io.vocabulary import VocabularyAlignment
 
 DEFAULT_CHUNK_ENTRIES = 1 << 20
@@ -92,7 +92,7 @@ class DeltaStream:
         self._bytes = [self._stored_bytes(t.name) for t in self.tensors]
         self._passes = 0
         # One read slot per model (not per checkpoint: a recipe may list one twice).
-        self._scratch = [Scratch() for _ in range(1 + len(self.tasks))]
+        self._slots = [ReadSlot() for _ in range(1 + len(self.tasks))]
 
     @property
     def total_bytes(self) -> int:
@@ -107,16 +107,16 @@ class DeltaStream:
                 size += info.numel * info.dtype.itemsize
         return size
 
-    def _load(self, ckpt: Checkpoint, name: str, scratch: Scratch) -> torch.Tensor:
-        x = ckpt.read(name, scratch)  # mapped alone, dropped at the slot's next read
+    def _load(self, ckpt: Checkpoint, name: str, slot: ReadSlot) -> torch.Tensor:
+        x = ckpt.read(name, slot)  # mapped alone, dropped at the slot's next read
         if self.cast is not None and x.dtype != self.cast:
             x = x.to(self.cast)
         return x.reshape(-1)
 
     def _load_all(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """θ0 and every task's tensor, flat, vocabulary rows aligned by token."""
-        base = self._load(self.base, name, self._scratch[0])
-        tasks = [self._load(t, name, s) for t, s in zip(self.tasks, self._scratch[1:], strict=True)]
+        base = self._load(self.base, name, self._slots[0])
+        tasks = [self._load(t, name, s) for t, s in zip(self.tasks, self._slots[1:], strict=True)]
         vocab = self.vocabulary
         if vocab is None or name not in vocab.tensors:
             return base, tasks

@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 
 from cpi_merge.errors import CheckpointError
-from cpi_merge.io.direct_read import Scratch, ShardReader
+from cpi_merge.io.direct_read import ReadSlot, ShardReader
 from cpi_merge.io.layout import folder_layout, pickle_header, safetensors_header
 from cpi_merge.io.lora import LoraCache, is_lora, resolved_lora_reference
 
@@ -84,7 +84,7 @@ class Checkpoint:
         if "loader" in self.__dict__:
             self.__dict__.pop("loader").flush()
 
-    def read(self, name: str, scratch: Scratch | None = None) -> torch.Tensor:
+    def read(self, name: str, slot: ReadSlot | None = None) -> torch.Tensor:
         """Read one whole tensor, for a pass over every tensor.
 
         The tensor alone, not its shard, is read (:mod:`cpi_merge.io.direct_read`)
@@ -95,7 +95,7 @@ class Checkpoint:
 
         Args:
             name: Tensor name as stored.
-            scratch: The read slot (the tensor is mapped into it, valid until the slot's
+            slot: The read slot (the tensor is mapped into it, valid until the slot's
                 next read; much faster than copying into fresh memory).
 
         Returns:
@@ -111,7 +111,7 @@ class Checkpoint:
             if reader is None or reader.path != path:
                 self._close_reader()
                 reader = self.__dict__["_shard_reader"] = ShardReader(path)
-            tensor = reader.read(name, scratch)
+            tensor = reader.read(name, slot)
             if tensor is not None:
                 return tensor
         return self.get(name)

@@ -4,7 +4,7 @@ safetensors' ``safe_open`` (mergekit's loader) maps a whole shard and copies eac
 out of the mapping; every page it touched stays in the process's resident set until the
 shard is closed, so a pass over a whole model held up to one mapped shard per
 checkpoint (at 2B parameters the analysis peaked at 9.4 GB RSS, above mergekit's merge
-itself). The analysis reads each tensor once, in order. Into a :class:`Scratch` slot, a
+itself). The analysis reads each tensor once, in order. Into a :class:`ReadSlot`, a
 tensor is mapped on its own (copy-on-write, so nothing can write to the file) and read
 straight from the page cache; the slot drops it at its next read and the mapping goes
 with the last view of it, so a pass holds the current tensor of each model (and the one
@@ -65,7 +65,7 @@ def read_header(file: BinaryIO) -> tuple[int, dict[str, dict]]:
     return 8 + length, {k: v for k, v in header.items() if k != "__metadata__"}
 
 
-class Scratch:
+class ReadSlot:
     """A read slot for :meth:`ShardReader.read`: it holds the newest tensor read into it.
 
     Reading into a slot maps the tensor (see the module docstring) and drops the tensor
@@ -103,12 +103,12 @@ class ShardReader:
             self.close()
             raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
 
-    def read(self, name: str, scratch: Scratch | None = None) -> torch.Tensor | None:
+    def read(self, name: str, slot: ReadSlot | None = None) -> torch.Tensor | None:
         """The tensor ``name``; None when its dtype is not handled here.
 
         Args:
             name: Tensor name.
-            scratch: Map the tensor into this slot (valid until the slot's next read)
+            slot: Map the tensor into this slot (valid until the slot's next read)
                 instead of reading it into fresh memory.
 
         Raises:
@@ -134,14 +134,14 @@ class ShardReader:
                 f"{self.path}: tensor {name!r} spans {stop - start:,} bytes, but its shape "
                 f"{list(shape)} and dtype {entry['dtype']} need {nbytes:,}"
             )
-        if scratch is not None:
-            scratch.hold(None)  # its old mapping goes before the new one is made
+        if slot is not None:
+            slot.hold(None)  # its old mapping goes before the new one is made
             if nbytes:
                 raw = self._mapped(name, self._data_start + start, nbytes)
             else:
                 raw = torch.empty(0, dtype=torch.uint8)
             tensor = raw.view(dtype).view(shape)
-            scratch.hold(tensor)
+            slot.hold(tensor)
             return tensor
         raw = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
