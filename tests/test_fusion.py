@@ -160,6 +160,10 @@ def test_chunking_does_not_change_the_result():
     assert torch.allclose(whole, chunked, rtol=1e-6, atol=1e-7)
     core = core_owner(theta0, models, [0.2, None, 0.15]) >= 0
     assert torch.equal(whole[core], chunked[core])
+    known = core_positions(theta0, models, [0.2, None, 0.15])
+    for chunk in (7, 1000):  # cores handed over, split across chunks: the same result
+        given = fuse_tensor(theta0, models, chunk_entries=chunk, core_positions=known, **kw)
+        assert torch.equal(given, fuse_tensor(theta0, models, chunk_entries=chunk, **kw))
 
 
 def test_every_entry_core_leaves_nothing_to_fold():
@@ -181,10 +185,14 @@ def test_known_cores_that_do_not_match_the_values_are_not_used():
     theta0 = torch.zeros(6)
     a = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.0, 0.0])
     kw = dict(boundaries=[1.0, None], omegas=[0.5, 0.5], fusion_base=1, epsilon=EPS)
-    own = fuse_tensor(theta0, [a, a], **kw)
-    ok = fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 3]), None], **kw)
-    stale = fuse_tensor(theta0, [a, a], core_positions=[torch.tensor([0, 1]), None], **kw)
-    assert torch.equal(ok, own) and torch.equal(stale, own)
+    b = torch.tensor([0.5, 0.1, 0.2, 0.3, 0.4, 0.5])
+    own = fuse_tensor(theta0, [a, b], **kw)
+    assert own[3] == 2.0 and own[4] != 0.0
+    for chunk in (2, 6):  # the stale position in a later chunk, or in the only one
+        kw["chunk_entries"] = chunk
+        ok = fuse_tensor(theta0, [a, b], core_positions=[torch.tensor([0, 3]), None], **kw)
+        stale = fuse_tensor(theta0, [a, b], core_positions=[torch.tensor([0, 4]), None], **kw)
+        assert torch.equal(ok, own) and torch.equal(stale, own)
 
 
 def test_thresholds_compare_in_float32():

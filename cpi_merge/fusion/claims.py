@@ -79,8 +79,19 @@ def known_claims(
     positions: Sequence[torch.Tensor | None],
     *,
     name: str = "",
+    start: int = 0,
 ) -> list[Claim] | None:
     """Claims at core positions found by an analysis: Δ computed there only.
+
+    Args:
+        base: θ0 (or the chunk of it that begins at ``start``).
+        flats: Every model's values, over the same entries as ``base``.
+        boundaries: Per model, its core's boundary (None: not a task).
+        positions: Per model, ascending positions of its core within ``base`` (None:
+            not a task).
+        name: The tensor's name (the tie rule hashes it).
+        start: The chunk's first position in the tensor (the tie rule hashes tensor
+            positions).
 
     Returns:
         The claims, or None when a given position is not in its core by the rule: these
@@ -90,10 +101,11 @@ def known_claims(
     for i, (t, at) in enumerate(zip(boundaries, positions, strict=True)):
         if at is None or t is None:
             continue
-        theta0 = base[at].float()
-        delta = flats[i][at].float().sub_(theta0).abs_()
+        theta0 = base.index_select(0, at).float()
+        delta = flats[i].index_select(0, at).float().sub_(theta0).abs_()
+        tensor_at = at + start if start else at
         if at.numel() and not bool(
-            core_mask_at(delta, t, base=theta0, name=name, positions=at).all()
+            core_mask_at(delta, t, base=theta0, name=name, positions=tensor_at).all()
         ):
             return None
         claims.append((i, at, delta))

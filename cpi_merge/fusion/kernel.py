@@ -24,10 +24,10 @@ import torch
 
 from cpi_merge.analysis.core_rule import CoreBoundary, as_boundaries
 from cpi_merge.errors import NonFiniteError
-from cpi_merge.fusion.claims import NO_POSITIONS, find_claims, known_claims, owners
+from cpi_merge.fusion.claims import find_claims, known_claims, owners
 from cpi_merge.fusion.fold import fold_coefficients, gram_matrix
 
-CHUNK_ENTRIES = 1 << 22
+CHUNK_ENTRIES = 1 << 20
 
 
 class _Workspace(threading.local):
@@ -113,41 +113,52 @@ def fuse_tensor(
     total = base_flat.numel()
     width = min(chunk_entries, max(total, 1))
     rows = _WORKSPACE.take("rows", n_models * width, torch.float32).view(n_models, width)
-
     others = [i for i, t in enumerate(thresholds) if t is None]
-    known_at = known_of = None
-    known = None
-    if core_positions is not None:
-        known = known_claims(base_flat, flats, thresholds, core_positions, name=name)
-    if known is not None:
-        known_at, known_of = owners(known)
-        edges = torch.arange(0, total + chunk_entries, chunk_entries)
-        bounds = torch.searchsorted(known_at, edges).tolist()
-    else:
+    starts = range(0, total, chunk_entries)
+    known = _split_positions(core_positions, starts, total) if core_positions else None
+    if known is None:
         base_buf = _WORKSPACE.take("base", width, torch.float32)
         scratch = _WORKSPACE.take("scratch", width, torch.float32)
         mask = _WORKSPACE.take("mask", width, torch.bool)
 
-    # Pass 1: core owners and the Gram matrix of the non-core entries.
+    # Pass 1, chunk by chunk: core owners (chunk positions) and the Gram matrix of the
+    # non-core entries.
     gram = np.zeros((n_models, n_models))
-    core_at, core_of = [], []
-    for index, start in enumerate(range(0, total, chunk_entries)):
+    chunk_cores: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for index, start in enumerate(starts):
         stop = min(start + chunk_entries, total)
         m = stop - start
         v = rows[:, :m]
         for i, flat in enumerate(flats):
             v[i].copy_(flat[start:stop])
-        if known_at is None:
+        if known is not None:
+            claims = known_claims(
+                base_flat[start:stop],
+                [f[start:stop] for f in flats],
+                thresholds,
+                known[index],
+                name=name,
+                start=start,
+            )
+            if claims is None:  # not the analysed values: find the cores from scratch
+                return fuse_tensor(
+                    theta0,
+                    models,
+                    boundaries=boundaries,
+                    omegas=omegas,
+                    fusion_base=fusion_base,
+                    epsilon=epsilon,
+                    name=name,
+                    chunk_entries=chunk_entries,
+                )
+        else:
             base = base_buf[:m].copy_(base_flat[start:stop])
             _check_finite(base, "θ0")
             claims = find_claims(
                 base, list(v), thresholds, scratch[:m], mask[:m], name=name, start=start
             )
-            at, owner = owners(claims)
-            core_at.append(at + start)
-            core_of.append(owner)
-        else:
-            at = known_at[bounds[index] : bounds[index + 1]] - start
+        at, owner = owners(claims)
+        chunk_cores.append((at, owner))
         if at.numel():
             # Zeroing hides these columns from the Gram check below: look at them first
             # (tasks were already checked through their Δ).
@@ -160,10 +171,11 @@ def fuse_tensor(
         raise NonFiniteError("a model holds NaN/Inf (or the norms overflow)")
     coef = fold_coefficients(gram, fusion_base, omegas, epsilon).astype(np.float32).tolist()
 
-    # Pass 2: the fold as one linear combination, then the core entries copied bit for bit.
+    # Pass 2, chunk by chunk: the fold as one linear combination, then the core entries
+    # copied bit for bit (while the chunk is still in the CPU's cache).
     result = torch.empty(total, dtype=models[fusion_base].dtype)
     folded = _WORKSPACE.take("folded", width, torch.float32)
-    for start in range(0, total, chunk_entries):
+    for (at, owner), start in zip(chunk_cores, starts, strict=True):
         stop = min(start + chunk_entries, total)
         v = rows[:, : stop - start]
         if total > chunk_entries:  # one chunk: the rows of pass 1 are still there
@@ -174,16 +186,26 @@ def fuse_tensor(
         acc = torch.mul(v[0], coef[0], out=folded[: stop - start])
         for i in range(1, n_models):
             acc.add_(v[i], alpha=coef[i])
-        result[start:stop].copy_(acc)
-    if known_at is not None:
-        at, of = known_at, known_of
-    elif core_at:
-        at, of = torch.cat(core_at), torch.cat(core_of)
-    else:  # an empty tensor
-        at, of = NO_POSITIONS, NO_POSITIONS
-    if at.numel():
-        for i, t in enumerate(thresholds):
-            if t is not None:
-                mine = at[of == i]
-                result[mine] = flats[i][mine]
+        out = result[start:stop]
+        out.copy_(acc)
+        if at.numel():
+            for i, t in enumerate(thresholds):
+                if t is not None:
+                    mine = at[owner == i]
+                    out.index_copy_(0, mine, flats[i][start:stop].index_select(0, mine))
     return result.reshape(theta0.shape)
+
+
+def _split_positions(
+    positions: Sequence[torch.Tensor | None], starts: range, total: int
+) -> list[list[torch.Tensor | None]]:
+    """Per chunk, per model: its core positions in that chunk, from the chunk's start."""
+    edges = torch.tensor([*starts, total])
+    cuts = [None if p is None else torch.searchsorted(p, edges).tolist() for p in positions]
+    return [
+        [
+            None if p is None else p[cut[j] : cut[j + 1]] - start
+            for p, cut in zip(positions, cuts, strict=True)
+        ]
+        for j, start in enumerate(starts)
+    ]
