@@ -7,6 +7,7 @@ import torch
 
 from cpi_merge.analysis.boundary import resolve_boundary
 from cpi_merge.analysis.core_rule import CoreBoundary, core_mask
+from cpi_merge.analysis.fixed_order import sum_of_squares
 from cpi_merge.analysis.histogram_keys import Keyed, classify
 from cpi_merge.analysis.radix import float32_from_bits
 from cpi_merge.analysis.selection import CoreSelection, sorted_intersection
@@ -63,7 +64,7 @@ class _AboveTally:
             c = int(torch.count_nonzero(masks[i]))
             self.counts[i, chunk.tensor_index] += c
             self.overlaps[i, i] += c
-            self.energy[i] += float(d[masks[i]].double().square().sum())
+            self.energy[i] += sum_of_squares(d[masks[i]])
             for j in range(i + 1, n):
                 both = (masks[i] & masks[j]).nonzero().squeeze(1)
                 self.overlaps[i, j] += both.numel()
@@ -119,7 +120,7 @@ def keep_and_resolve(chunks, buckets, keyed: Keyed, n: int, exact_k: bool) -> Co
             delta, base_abs, index, bucket.rank, layout=layout, exact_k=exact_k, seed=keyed.seed
         )
         chosen = found.selected
-        energy[i] += float(delta[chosen].double().square().sum())
+        energy[i] += sum_of_squares(delta[chosen])
         core = index[chosen].numpy()
         order = np.argsort(core)
         picked.append(

@@ -9,7 +9,6 @@ position, which the merge method can then use instead of finding them again.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from cpi_merge.analysis.boundary import Resolved, TensorLayout, resolve_boundary
+from cpi_merge.analysis.fixed_order import sum_of_squares
 from cpi_merge.analysis.positions import positions_at_least
 from cpi_merge.analysis.radix import HIGH_BUCKETS, bucket_floor, high_keys, top_bucket
 from cpi_merge.analysis.selection import (
@@ -129,9 +129,7 @@ class _TopKBuffer:
         )
         picked = resolved.selected
         core, negative = indices[picked].numpy(), self.negative[:n][picked].numpy()
-        energy = float(torch.dot(values, torch.where(picked, values, 0)))  # float32: fast
-        if not math.isfinite(energy):  # squares beyond float32 (|Δ| > 1.8e19)
-            energy = float(values[picked].double().square().sum())
+        energy = sum_of_squares(values[picked])
         self.values = self.base_abs = self.indices = self.negative = torch.empty(0)
         if core.size > 1 and not (core[1:] > core[:-1]).all():
             order = np.argsort(core)

@@ -2,7 +2,9 @@
 
 Per task, while the analysis streams ``θi − θ0``: ‖θi − θ0‖ and ‖θ0‖ (the update's
 relative size) and, per pair of tasks, ``Σ (θi − θ0)(θj − θ0)`` (their cosine): a few
-dot products per chunk. A non-finite sum reveals NaN/Inf at no extra cost.
+dot products per chunk. A non-finite sum reveals NaN/Inf at no extra cost. The dot
+products run on one thread: BLAS splits a sum differently for each thread count, and the
+plan should not depend on the machine (:mod:`cpi_merge.analysis.fixed_order`).
 
 On request (``energy_curve``), also a histogram of ``|θi − θ0|`` by its upper 16 float32
 bits with the count and the summed ``Δ²`` of every bucket: how the update's energy
@@ -16,6 +18,8 @@ import math
 
 import numpy as np
 import torch
+
+from cpi_merge.analysis.fixed_order import one_thread
 
 KEY_SHIFT = 16
 BUCKETS = 1 << (31 - KEY_SHIFT)
@@ -48,15 +52,16 @@ class UpdateStats:
             False when an input holds NaN/Inf in this chunk (seen as a non-finite sum,
             then confirmed entry by entry: huge finite values may overflow a sum).
         """
-        base_sq = float(torch.dot(base, base))
-        finite = math.isfinite(base_sq)
-        self.base_sq += base_sq
-        for i, s in enumerate(signed):
-            sq = float(torch.dot(s, s))
-            finite = finite and math.isfinite(sq)
-            self.delta_sq[i] += sq
-            for j in range(i + 1, len(signed)):
-                self.cross[i, j] += float(torch.dot(s, signed[j]))
+        with one_thread():  # sums in one fixed order: the same on any machine
+            base_sq = float(torch.dot(base, base))
+            finite = math.isfinite(base_sq)
+            self.base_sq += base_sq
+            for i, s in enumerate(signed):
+                sq = float(torch.dot(s, s))
+                finite = finite and math.isfinite(sq)
+                self.delta_sq[i] += sq
+                for j in range(i + 1, len(signed)):
+                    self.cross[i, j] += float(torch.dot(s, signed[j]))
         if not finite:
             return all(bool(torch.isfinite(x).all()) for x in (base, *signed))
         return True
