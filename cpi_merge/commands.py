@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -41,6 +41,9 @@ from cpi_merge.io.output_dir import Reservation, reserved_output
 from cpi_merge.io.vocabulary import check_output_vocabulary
 from cpi_merge.report.model_card import finish_card
 from cpi_merge.report.plan_files import write_plan_files, write_plan_pictures
+
+if TYPE_CHECKING:
+    from cpi_merge.cli.merge_ahead import MergeAhead
 
 LOG = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
@@ -115,6 +118,7 @@ def merge(
     allow_pickle: bool = False,
     checksums: bool = True,
     manifest: Manifest | None = None,
+    ahead: MergeAhead | None = None,
     **analysis_options: Any,
 ) -> MergeResult:
     """Run the analysis (unless every task has ``core_threshold``) and mergekit's merge.
@@ -128,6 +132,9 @@ def merge(
         checksums: Record SHA-256 of inputs and outputs in the manifest.
         manifest: A :class:`Manifest` already hashing the inputs (the command line starts
             one before mergekit is imported); default: a new one (``checksums``).
+        ahead: The output reserved, the models opened and the analysis running since
+            before mergekit was imported (:mod:`cpi_merge.cli.merge_ahead`); used only if
+            it was started for these very arguments, else released.
         **analysis_options: Fields of :class:`~cpi_merge.analysis.run.AnalysisOptions`
             (``seed``, ``order``, ``strategy``, ``memory_budget``...); progress bars
             follow mergekit's ``quiet``.
@@ -144,6 +151,19 @@ def merge(
     options = options or MergeOptions()
     settings = AnalysisOptions(**{"progress": not options.quiet, **analysis_options})
     manifest = manifest or Manifest(enabled=checksums)
+    if ahead is not None and not ahead.matches(
+        recipe, out_dir, force=force, allow_pickle=allow_pickle, settings=settings
+    ):
+        LOG.debug("the analysis started before mergekit's import was for other arguments")
+        ahead.close()
+        ahead = None
+    if ahead is not None:
+        try:
+            with ahead.stack:  # the reservation sees the merge's errors (ENOSPC...)
+                plan = _merge_opened(ahead.opened, ahead.out, options, settings, manifest, ahead)
+        finally:
+            manifest.cancel()
+        return MergeResult(Path(out_dir), plan)
     if not isinstance(recipe, CpiRecipe):
         recipe = load_recipe(recipe)
     cache, dtype = options.lora_merge_cache, options.lora_merge_dtype
@@ -167,13 +187,21 @@ def _references(recipe: CpiRecipe) -> list[str]:
 
 
 def _merge_opened(
-    opened: OpenedModels, out: Reservation, options, settings, manifest: Manifest
+    opened: OpenedModels,
+    out: Reservation,
+    options,
+    settings,
+    manifest: Manifest,
+    ahead: MergeAhead | None = None,
 ) -> CorePlan:
     """The analysis (unless the recipe gives every core) and mergekit's merge, into ``out``."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
 
     from cpi_merge.fusion.method import register_cpi_method
+
+    if ahead is not None:
+        ahead.imported()  # mergekit is in: the analysis may take every core
 
     recipe = opened.recipe
     given = recipe_boundaries(recipe)
@@ -187,7 +215,10 @@ def _merge_opened(
     # for both); without, at once.
     manifest.hash_inputs((folder for _, _, folder in inputs), hold=given is None)
     cores = None
-    if given is None:
+    if given is None and ahead is not None:
+        analysis = ahead.result()
+        plan, cores = analysis.plan, analysis.cores
+    elif given is None:
         names = [t.name for t in opened.tensors]
         with manifest.following([opened.base, *opened.tasks], names):
             analysis = run_analysis(opened, settings, keep_cores=True)
@@ -209,7 +240,8 @@ def _merge_opened(
     # The pictures are pure Python: drawn beside the merge they slowed it down by
     # holding the GIL; here they overlap with hashing the output, which does not.
     manifest.hash_output(tmp)
-    write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
+    if ahead is None or not ahead.pictures_drawn():
+        write_plan_pictures(plan, tmp)  # PNG files: not among the hashed outputs
     card = tmp / "README.md"
     if options.write_model_card and card.exists():
         text = card.read_text(encoding="utf-8")

@@ -91,7 +91,8 @@ def test_the_command_line_starts_hashing_the_recipe_inputs_and_hands_the_manifes
     class Recorder:
         @staticmethod
         def main(args, prog_name, obj):
-            seen.append((args, sorted(obj._inputs), obj.enabled))
+            assert obj.ahead is None  # a Hub model: nothing is opened before the full parse
+            seen.append((args, sorted(obj.manifest._inputs), obj.manifest.enabled))
 
     import cpi_merge.cli.merge_command as full
 

@@ -4,7 +4,8 @@ Importing mergekit (torch, transformers, peft) takes seconds on one core. The SH
 the input checkpoints for the manifest does not depend on anything mergekit does, so
 this small command parses the command line first (without mergekit's options: they are
 handed on untouched), creates the :class:`~cpi_merge.io.manifest.Manifest` and starts
-hashing the recipe's local folders in the background, and only then imports the full
+hashing the recipe's local folders in the background, starts the analysis in a forked
+child where it can (:mod:`cpi_merge.cli.merge_ahead`), and only then imports the full
 command (:mod:`cpi_merge.cli.merge_command`), which parses everything again with
 mergekit's options and receives the manifest. When the merge will run the analysis, the
 checkpoints are held until it reads them (one disk read for both, see
@@ -76,20 +77,35 @@ def _verify(out: str | None) -> None:
 @report_errors
 def main(ctx: click.Context, recipe, out_path, no_checksums, show_help) -> None:
     """Start hashing RECIPE's inputs, then run the full ``cpi-merge`` command."""
+    fresh = "torch" not in sys.modules  # a new process (not a test calling main in-process)
+    from cpi_merge.analysis import forked
+
+    if fresh:
+        forked.mark_fresh_process()
     from cpi_merge.io.manifest import Manifest
 
     if recipe == "verify" and not show_help:
         _verify(out_path)
         return
     manifest = Manifest(enabled=not no_checksums)
+    args = [a for a in (recipe, out_path) if a is not None] + ctx.args
+    args += ["--no-checksums"] * no_checksums + ["--help"] * show_help
+    ahead = None
     if not show_help:
         folders, analysed = local_inputs(recipe)
         manifest.hash_inputs(folders, hold=analysed)
-    from cpi_merge.cli import merge_command
+        if analysed:
+            from cpi_merge.cli.merge_ahead import start_merge_ahead
 
-    args = [a for a in (recipe, out_path) if a is not None] + ctx.args
-    args += ["--no-checksums"] * no_checksums + ["--help"] * show_help
-    merge_command.command.main(args=args, prog_name="cpi-merge", obj=manifest)
+            ahead = start_merge_ahead(args, manifest)
+    from cpi_merge.cli import merge_command
+    from cpi_merge.cli.merge_ahead import Started
+
+    try:
+        merge_command.command.main(args=args, prog_name="cpi-merge", obj=Started(manifest, ahead))
+    finally:
+        if ahead is not None:  # the command stopped before the merge took it over
+            ahead.close()
 
 
 if __name__ == "__main__":

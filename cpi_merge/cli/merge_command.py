@@ -1,7 +1,7 @@
 """The full ``cpi-merge`` command: analysis + mergekit's merge, every mergekit option kept.
 
-Started by :mod:`cpi_merge.cli.merge` (which hands it the input-hashing manifest as the
-click context object); runnable on its own too.
+Started by :mod:`cpi_merge.cli.merge` (which hands it the input-hashing manifest and the
+analysis it may have started as the click context object); runnable on its own too.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from cpi_merge.cli.common import analysis_options, report_errors, setup_logging
-from cpi_merge.io.manifest import Manifest
+from cpi_merge.cli.merge_ahead import Started
 
 
 @click.command(
@@ -26,7 +26,7 @@ from cpi_merge.io.manifest import Manifest
 @click.pass_obj
 @report_errors
 def command(
-    manifest: Manifest | None,
+    started: Started | None,
     merge_options: MergeOptions,
     recipe,
     out_path,
@@ -53,7 +53,8 @@ def command(
         force=force,
         allow_pickle=allow_pickle,
         checksums=not no_checksums,
-        manifest=manifest,
+        manifest=started.manifest if started else None,
+        ahead=started.ahead if started else None,
         **analysis,
     )
     if not merge_options.quiet:
