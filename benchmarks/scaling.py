@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.synthetic import LlamaShape, TaskSpec, make_family
+from benchmarks.tree_memory import TreeMemory
 
 BIN = Path(sys.executable).parent
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -82,7 +83,10 @@ class MemoryGroup:
 def run_measured(
     cmd: list[str], cwd: Path, group: MemoryGroup | None = None
 ) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in MiB of the process)."""
+    """Run a command; return (wall seconds, peak RSS in MiB of its process tree).
+
+    The larger of ``wait4``'s peak and the sampled sum over the tree (:mod:`benchmarks.tree_memory`).
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -91,13 +95,15 @@ def run_measured(
         stderr=subprocess.PIPE,
         preexec_fn=group.enter if group else None,  # noqa: PLW1509 - only writes one file
     )
+    tree = TreeMemory(proc.pid)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    tree_mib = tree.stop()
     code = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, max(usage.ru_maxrss / 1024, tree_mib)
 
 
 OUTPUTS = {"task_arithmetic": "task_arithmetic", "cpi-analyze": "analysis", "cpi-merge": "cpi"}

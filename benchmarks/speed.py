@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from benchmarks.synthetic import BENCH_SHAPE, TaskSpec, make_family
+from benchmarks.tree_memory import TreeMemory
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -56,16 +57,21 @@ print(n)
 
 
 def run_measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in MiB of that process tree's leader)."""
+    """Run a command; return (wall seconds, peak RSS in MiB of its process tree).
+
+    The larger of ``wait4``'s peak and the sampled sum over the tree (:mod:`benchmarks.tree_memory`).
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tree = TreeMemory(proc.pid)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    tree_mib = tree.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, max(usage.ru_maxrss / 1024, tree_mib)
 
 
 def write_recipes(work: Path, base: Path, tasks: list[Path], core_fraction: float) -> dict:

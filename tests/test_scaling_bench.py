@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from benchmarks.scaling import SIZES, MemoryGroup, print_table, run_sizes
+from benchmarks.scaling import SIZES, MemoryGroup, print_table, run_measured, run_sizes
 
 
 def test_sizes_are_the_stated_parameter_counts():
@@ -38,3 +40,16 @@ def test_cache_limit_without_cgroups_is_skipped_with_a_reason(tmp_path, monkeypa
     run_sizes(["0.1"], tmp_path, 3, 0.01, 1, 1.0, None)
     assert "--cache-limit skipped: no cgroup-v1 memory controller" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())  # nothing was made
+
+
+def test_peak_memory_counts_a_forked_child_with_its_parent(tmp_path):
+    """A parent and a forked child, each filling 300 MiB of its own, peak at ~600 MiB."""
+    script = (
+        "import os, time\n"
+        "pid = os.fork()\n"
+        "mine = b'x' * (300 << 20)\n"
+        "time.sleep(0.5)\n"
+        "os._exit(0) if pid == 0 else os.waitpid(pid, 0)\n"
+    )
+    _, peak = run_measured([sys.executable, "-c", script], tmp_path)
+    assert peak > 500  # wait4 alone reports one process: about 300 MiB
