@@ -3,8 +3,10 @@
 ``wait4`` reports the largest single process's peak (``ru_maxrss``), not the sum: a
 command that forks a helper (``cpi-merge``'s analysis runs in a forked child while it
 imports mergekit) would look smaller than it is. :class:`TreeMemory` samples the summed
-``VmRSS`` of the process tree every 20 ms; the benchmarks report the larger of the two.
-Pages a fork shares between parent and child are counted in both: an overestimate.
+``VmRSS`` of the process tree every 50 ms; the benchmarks report the larger of the two.
+Pages a fork shares between parent and child are counted in both: an overestimate. The
+tree is found through ``/proc/PID/task/TID/children`` (Linux with
+``CONFIG_PROC_CHILDREN``, as on common distributions); without it only the root counts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-PERIOD_S = 0.02
+PERIOD_S = 0.05
 
 
 def _children(pid: int) -> list[int]:

@@ -22,7 +22,9 @@ def pause_point(name: str) -> None:
     if os.environ.get("CPI_PAUSE_AT") != name:
         return
     marker = Path(os.environ["CPI_PAUSE_MARKER"])
-    marker.write_text(str(RUN_PID or os.getpid()))
+    partial = marker.with_name(marker.name + ".tmp")
+    partial.write_text(str(RUN_PID or os.getpid()))
+    os.replace(partial, marker)  # whoever sees the marker reads a whole pid
     go = marker.with_name(marker.name + ".go")
     while not go.exists():
         time.sleep(0.05)

@@ -192,6 +192,8 @@ def test_known_cores_that_do_not_match_the_values_are_not_used():
         kw["chunk_entries"] = chunk
         ok = fuse_tensor(theta0, [a, b], core_positions=[torch.tensor([0, 3]), None], **kw)
         stale = fuse_tensor(theta0, [a, b], core_positions=[torch.tensor([0, 4]), None], **kw)
+        beyond = fuse_tensor(theta0, [a, b], core_positions=[torch.tensor([0, 9]), None], **kw)
+        assert torch.equal(beyond, own)  # a position past the tensor: not these values
         assert torch.equal(ok, own) and torch.equal(stale, own)
 
 

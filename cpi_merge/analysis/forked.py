@@ -2,26 +2,31 @@
 
 ``cpi-merge`` needs both the analysis and mergekit; importing mergekit (torch,
 transformers, peft) takes seconds of one core and shares nothing with the analysis. On a
-machine with two or more cores :func:`start_forked_analysis` forks the process (after the
+machine with a core to spare :func:`start_forked_analysis` forks the process (after the
 output is reserved and the models are opened and checked), runs
 :func:`~cpi_merge.analysis.run.run_analysis` in the child and returns at once; the parent
 imports mergekit meanwhile and then waits in :meth:`ForkedAnalysis.result`.
 
 - The child uses one torch thread while the parent imports (more would spin on the core
-  the import needs), all of them once the parent calls :meth:`ForkedAnalysis.imported`.
+  the import needs), and all of them (at most mergekit's ``-j``) once the parent calls
+  :meth:`ForkedAnalysis.imported`, unless torch had started threads before the fork
+  (OpenMP's do not survive it: the child then keeps to one).
 - Each tensor the child has read is reported to the parent, which marks it read on its
   own checkpoints: the inputs' SHA-256 still follows the analysis' one disk read
   (:meth:`~cpi_merge.io.manifest.Manifest.following`).
 - The result comes back through a pipe (pickled, protocol 5: the core positions travel
   as raw buffers, copied once). Pickle is used only between this process and its own
   child, never for a file.
-- An error in the child is raised again in the parent with the same type and message. A
-  child that dies without an answer (killed) is an :class:`~cpi_merge.errors.CpiError`.
+- An error of :mod:`cpi_merge.errors` in the child is raised again in the parent with the
+  same type and message; any other is a one-line :class:`~cpi_merge.errors.CpiError`
+  (its traceback is logged at debug level), and so is a child that dies without an
+  answer (killed).
 - The child dies with the parent (``PR_SET_PDEATHSIG``); leaving the parent's block early
   kills it (:meth:`ForkedAnalysis.abandon`).
 
-Linux only (``fork`` plus ``prctl``); elsewhere, or with ``CPI_NO_FORK=1``, or on one
-core, :func:`start_forked_analysis` returns None and the caller runs the analysis itself.
+Linux only (``fork`` plus ``prctl``): :func:`fork_allowed` says no elsewhere, with
+``CPI_NO_FORK=1``, or with fewer than two usable cores; the caller then runs the
+analysis itself, as it does when the fork fails.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 
@@ -45,6 +51,8 @@ from cpi_merge.io.opened import OpenedModels
 
 LOG = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+PICTURES_WAIT_S = 120.0
+"""How long the parent waits for the child's pictures before drawing them itself."""
 
 
 def _native_threads() -> int:
@@ -69,12 +77,34 @@ def mark_fresh_process() -> None:
     _FRESH_NATIVE = _native_threads()
 
 
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    for path, parse in (
+        ("/sys/fs/cgroup/cpu.max", lambda t: t.split()),  # v2: "quota period" or "max ..."
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None),  # v1: -1 without a quota
+    ):
+        try:
+            text = Path(path).read_text()
+            if parse is not None:
+                quota, period = parse(text)
+            else:
+                quota = text.strip()
+                period = Path(path).with_name("cpu.cfs_period_us").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+        break
+    return cores
+
+
 def fork_allowed() -> bool:
-    """Whether the analysis may run in a forked child here (Linux, two cores, not disabled)."""
+    """Whether the analysis may run in a forked child here (Linux, 2 cores, not disabled)."""
     return (
         sys.platform == "linux"
         and os.environ.get("CPI_NO_FORK", "") in ("", "0")
-        and len(os.sched_getaffinity(0)) >= 2
+        and usable_cores() >= 2
     )
 
 
@@ -119,7 +149,7 @@ class ForkedAnalysis:
         except (EOFError, OSError):
             self._answer = None
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            self._answer = ("error", "", "", f"{type(exc).__name__}: {exc}")
+            self._answer = ("error", "", f"{type(exc).__name__}: {exc}", "")
         finally:
             self._done.set()
 
@@ -155,21 +185,33 @@ class ForkedAnalysis:
         if answer[0] == "done":
             return answer[1]
         _, kind, message, trace = answer
+        LOG.debug("the forked analysis failed:\n%s", trace)
         error = getattr(errors, kind, None)
         if isinstance(error, type) and issubclass(error, CpiError):
-            raise error(message)
-        raise CpiError(f"the analysis failed: {trace.strip()}")
+            try:
+                raise error(message)
+            except TypeError:  # a constructor that takes more than the message
+                pass
+        raise CpiError(f"the analysis failed: {kind or 'error'}: {message}")
 
     def pictures_drawn(self) -> bool:
         """Wait for the child to finish the plan's pictures; whether it drew them all.
 
         The child draws them after its answer only if the parent was still importing
-        then (a core was free); else, or if it failed, the caller draws them.
+        then (a core was free); else, if it failed, or if it takes longer than
+        :data:`PICTURES_WAIT_S` (it is then stopped), the caller draws them.
         """
-        drawing = self._drawing
-        self._drawing = False
+        drawing, self._drawing = self._drawing, False
         waited = time.perf_counter()
-        status = self._reap(stop=not drawing)
+        status = ""
+        while drawing and self.pid and time.perf_counter() < waited + PICTURES_WAIT_S:
+            pid, code = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                status = self._ended(code)
+                break
+            time.sleep(0.02)
+        if self.pid:  # not drawing, or still drawing after the wait: stopped
+            status = self._reap(stop=True)
         LOG.debug("waited %.2f s for the pictures", time.perf_counter() - waited)
         if drawing and status != "exit status 0":
             LOG.warning("the analysis process did not draw the pictures (%s): drawn here", status)
@@ -188,8 +230,12 @@ class ForkedAnalysis:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        _, code = os.waitpid(self.pid, 0)
+        return self._ended(os.waitpid(self.pid, 0)[1])
+
+    def _ended(self, code: int) -> str:
+        """The child has been reaped with wait status ``code``: release the pipes."""
         self.pid = 0
+        self._thread.join()  # the pipe is at its end: the listener returns
         self._results.close()
         self._go.close()
         if os.WIFSIGNALED(code):
@@ -203,8 +249,11 @@ def _listener_failed(answer: tuple | None) -> bool:
 
 
 def start_forked_analysis(
-    opened: OpenedModels, settings: AnalysisOptions, pictures: Path | None = None
-) -> ForkedAnalysis:
+    opened: OpenedModels,
+    settings: AnalysisOptions,
+    pictures: Path | None = None,
+    max_threads: int | None = None,
+) -> ForkedAnalysis | None:
     """Fork a child that runs the analysis of ``opened`` with ``settings``.
 
     Args:
@@ -212,6 +261,12 @@ def start_forked_analysis(
         settings: How to run the analysis.
         pictures: Where the child may draw the plan's pictures once its answer is sent
             (only while the parent is still importing: see :meth:`ForkedAnalysis.pictures_drawn`).
+        max_threads: At most this many torch threads once the parent has imported
+            (mergekit's ``-j``); default: torch's.
+
+    Returns:
+        The running child, or None if the process could not fork (the caller then runs
+        the analysis itself).
 
     Call only when :func:`fork_allowed`. Unless :func:`mark_fresh_process` was called and
     no native thread has started since, the child keeps to one thread (slower, but it
@@ -228,18 +283,33 @@ def start_forked_analysis(
     widen = _FRESH_NATIVE is not None and 0 <= native <= _FRESH_NATIVE
     if not widen:
         LOG.info("torch ran before the fork: the forked analysis keeps to one thread")
-    pid = os.fork()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's
+    try:
+        with warnings.catch_warnings():  # Python 3.12+: fork beside the hashing threads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError as exc:
+        signal.signal(signal.SIGINT, previous)
+        for end in (results_in, results_out, go_in, go_out):
+            end.close()
+        LOG.info("could not fork the analysis (%s): it runs here", exc)
+        return None
     if pid:
+        signal.signal(signal.SIGINT, previous)
         results_out.close()
         go_in.close()
-        return ForkedAnalysis(pid, results_in, go_out, readers)
+        try:
+            return ForkedAnalysis(pid, results_in, go_out, readers)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
     status = 0
     try:
         results_in.close()
         go_out.close()
-        _child(opened, settings, readers, parent, results_out, go_in, widen, pictures)
+        _child(opened, settings, readers, parent, results_out, go_in, widen, pictures, max_threads)
     except BaseException:  # noqa: BLE001 - a child never returns into the parent's code
-        traceback.print_exc()
         status = 1
     finally:
         os._exit(status)
@@ -254,17 +324,19 @@ def _child(
     go: Connection,
     widen: bool,
     pictures: Path | None,
+    max_threads: int | None,
 ) -> None:
     """The child's whole life: analyse, send the answer (or the error), return."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     faults.RUN_PID = parent  # the fault tests stop (and kill) the run, i.e. the parent
     import torch
 
     threads = torch.get_num_threads()
+    if max_threads:
+        threads = max(1, min(threads, max_threads))
     torch.set_num_threads(1)
     waiting = [widen]
 
@@ -281,19 +353,21 @@ def _child(
         ckpt.on_read = report(model)
     try:
         analysis = run_analysis(opened, settings, keep_cores=True)
+        buffers: list[pickle.PickleBuffer] = []
+        header = pickle.dumps(analysis, protocol=5, buffer_callback=buffers.append)
     except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
-        trace = traceback.format_exc()
-        out.send(("error", type(exc).__name__, str(exc), trace))
+        out.send(("error", type(exc).__name__, str(exc), traceback.format_exc()))
         return
-    buffers: list[pickle.PickleBuffer] = []
-    header = pickle.dumps(analysis, protocol=5, buffer_callback=buffers.append)
+    plan = analysis.plan
+    del analysis  # the core positions: the parent holds them now
     views = [b.raw() for b in buffers]
     draw = pictures is not None and not go.poll()  # the parent still imports: a free core
     out.send(("done", header, [v.nbytes for v in views], draw))
     for view in views:
         out.send_bytes(view)
     out.close()
+    del header, buffers, views
     if draw:
         from cpi_merge.report.plan_files import write_plan_pictures
 
-        write_plan_pictures(analysis.plan, pictures)
+        write_plan_pictures(plan, pictures)

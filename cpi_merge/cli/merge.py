@@ -78,10 +78,6 @@ def _verify(out: str | None) -> None:
 def main(ctx: click.Context, recipe, out_path, no_checksums, show_help) -> None:
     """Start hashing RECIPE's inputs, then run the full ``cpi-merge`` command."""
     fresh = "torch" not in sys.modules  # a new process (not a test calling main in-process)
-    from cpi_merge.analysis import forked
-
-    if fresh:
-        forked.mark_fresh_process()
     from cpi_merge.io.manifest import Manifest
 
     if recipe == "verify" and not show_help:
@@ -95,8 +91,11 @@ def main(ctx: click.Context, recipe, out_path, no_checksums, show_help) -> None:
         folders, analysed = local_inputs(recipe)
         manifest.hash_inputs(folders, hold=analysed)
         if analysed:
+            from cpi_merge.analysis import forked
             from cpi_merge.cli.merge_ahead import start_merge_ahead
 
+            if fresh:  # torch is imported now, and has run nothing
+                forked.mark_fresh_process()
             ahead = start_merge_ahead(args, manifest)
     from cpi_merge.cli import merge_command
     from cpi_merge.cli.merge_ahead import Started

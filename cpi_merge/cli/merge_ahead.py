@@ -3,7 +3,7 @@
 The full command line can only be parsed once mergekit is imported (its options are
 part of it), and importing it takes seconds. :func:`start_merge_ahead` reads the command
 line as far as the analysis needs it (recipe, output, ``--force``, ``--allow-pickle``,
-the analysis options, ``-q``, ``-v``), does what the merge does first (reserve the
+the analysis options, ``--quiet``, ``-v``, ``-j``), does what the merge does first (reserve the
 output, open and check the models, check the free space: nothing is read before the
 output is known to be writable), then starts the analysis in a forked child
 (:mod:`cpi_merge.analysis.forked`). :func:`cpi_merge.commands.merge` takes the result
@@ -27,7 +27,12 @@ from pathlib import Path
 
 import click
 
-from cpi_merge.analysis.forked import ForkedAnalysis, fork_allowed, start_forked_analysis
+from cpi_merge.analysis.forked import (
+    ForkedAnalysis,
+    fork_allowed,
+    start_forked_analysis,
+    usable_cores,
+)
 from cpi_merge.analysis.run import Analysis, AnalysisOptions
 from cpi_merge.cli.common import analysis_options, setup_logging
 from cpi_merge.config.recipe import CpiRecipe, load_recipe
@@ -39,6 +44,10 @@ from cpi_merge.io.opened import OpenedModels, open_models, recipe_folders
 from cpi_merge.io.output_dir import Reservation, reserved_output
 
 LOG = logging.getLogger(__name__)
+
+
+class _NotForked(Exception):
+    """The process could not fork: the merge runs the analysis itself."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +67,7 @@ class Started:
 @analysis_options
 @click.option("--quiet/--no-quiet", default=False)
 @click.option("-v", "verbosity", count=True)
+@click.option("-j", "--num-threads", "num_threads", type=int, default=None)
 @click.option("--no-checksums", is_flag=True)
 def _read(**values):
     return values
@@ -111,13 +121,20 @@ class MergeAhead:
             self.out.require(expected_output_bytes(self.opened))
             readers = [self.opened.base, *self.opened.tasks]
             manifest.hash_inputs((f for _, _, f in self.opened.sources()), hold=True)
-            self.analysis: ForkedAnalysis = start_forked_analysis(
-                self.opened, self.settings, pictures=self.out.partial
-            )
-            self.stack.callback(self.analysis.abandon)
+            # Following before the fork: no read the child reports can come too early.
             self.stack.callback(self._follow.close)
             names = [t.name for t in self.opened.tensors]
             self._follow.enter_context(manifest.following(readers, names))
+            forked = start_forked_analysis(
+                self.opened,
+                self.settings,
+                pictures=self.out.partial,
+                max_threads=values["num_threads"],
+            )
+            if forked is None:
+                raise _NotForked
+            self.analysis: ForkedAnalysis = forked
+            self.stack.callback(self.analysis.abandon)
             self.stack = self.stack.pop_all()
 
     def matches(
@@ -164,14 +181,17 @@ def _core_to_spare(folders: list[str], manifest: Manifest) -> bool:
     cores the child only gets in their way (2B, 3 interleaved rounds: 50.3 s forked vs
     46.1 s not; without the hashes 32.7 s vs 39.2 s; 0.47B with them: 11.4 s vs 12.4 s).
     """
-    if len(os.sched_getaffinity(0)) >= 3 or not manifest.enabled:
+    if usable_cores() >= 3 or not manifest.enabled:
         return True
-    size = sum(
-        f.stat().st_size
-        for folder in dict.fromkeys(os.path.realpath(r) for r in folders)
-        for f in Path(folder).iterdir()
-        if f.is_file()
-    )
+    try:
+        size = sum(
+            f.stat().st_size
+            for folder in dict.fromkeys(os.path.realpath(r) for r in folders)
+            for f in Path(folder).iterdir()
+            if f.is_file()
+        )
+    except OSError:  # the merge reports what is wrong with the folders
+        return False
     return size <= HASHED_DURING_IMPORT
 
 
@@ -203,6 +223,9 @@ def start_merge_ahead(args: list[str], manifest: Manifest) -> MergeAhead | None:
     if not _core_to_spare(refs, manifest):
         return None
     setup_logging(values["verbosity"], values["quiet"])
-    ahead = MergeAhead(values, recipe, manifest)
+    try:
+        ahead = MergeAhead(values, recipe, manifest)
+    except _NotForked:
+        return None
     LOG.info("the analysis runs in process %d while mergekit is imported", ahead.analysis.pid)
     return ahead

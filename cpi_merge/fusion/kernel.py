@@ -115,7 +115,11 @@ def fuse_tensor(
     rows = _WORKSPACE.take("rows", n_models * width, torch.float32).view(n_models, width)
     others = [i for i, t in enumerate(thresholds) if t is None]
     starts = range(0, total, chunk_entries)
-    known = _split_positions(core_positions, starts, total) if core_positions else None
+    in_range = core_positions is not None and all(
+        p is None or not p.numel() or (int(p[0]) >= 0 and int(p[-1]) < total)
+        for p in core_positions
+    )
+    known = _split_positions(core_positions, starts, total) if in_range else None
     if known is None:
         base_buf = _WORKSPACE.take("base", width, torch.float32)
         scratch = _WORKSPACE.take("scratch", width, torch.float32)
