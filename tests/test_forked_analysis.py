@@ -12,19 +12,26 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.synthetic import LlamaShape, TaskSpec, make_family
+from cpi_merge.analysis.analysis_wire import buffer_sizes, decode_analysis, encode_analysis
 from cpi_merge.analysis.forked import fork_allowed
-from cpi_merge.analysis.run import AnalysisOptions
+from cpi_merge.analysis.run import AnalysisOptions, run_analysis
 from cpi_merge.cli.merge_ahead import MergeAhead, read_command_line
+from cpi_merge.config.recipe import load_recipe
+from cpi_merge.io.opened import open_models
 
 from helpers.faults import MERGE, Paused, run
 from helpers.files import write_recipe
 
 FORKED = "while mergekit is imported"
+needs_fork = pytest.mark.skipif(
+    not fork_allowed(), reason="the analysis is forked on Linux with two cores or more only"
+)
 OUTS = ("forked", "alone")
 OUTPUT_FILES = ("model.safetensors", "cpi_plan.json", "mergekit_config.yml", "config.json")
 
@@ -41,13 +48,27 @@ def recipe(tmp_path_factory) -> Path:
     return _family(tmp_path_factory.mktemp("forked"))
 
 
+def test_the_analysis_crosses_the_pipe_exactly(recipe):
+    """The child's answer, as bytes and back: the same plan, boundaries and positions."""
+    sent = run_analysis(
+        open_models(load_recipe(recipe)), AnalysisOptions(progress=False), keep_cores=True
+    )
+    header, arrays = encode_analysis(sent)
+    got = decode_analysis(header, [bytearray(memoryview(a).cast("B")) for a in arrays])
+    assert got.plan == sent.plan and got.cores.boundaries == sent.cores.boundaries
+    assert got.cores.numel == sent.cores.numel
+    for name, positions in sent.cores.positions.items():
+        for a, b in zip(positions, got.cores.positions[name], strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert buffer_sizes(header) == [a.nbytes for a in arrays]
+
+
 def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
+@needs_fork
 def test_the_forked_analysis_writes_the_same_files(recipe, tmp_path):
-    if not fork_allowed():
-        pytest.skip("the analysis is forked on Linux with two cores or more only")
     forked = run([*MERGE, str(recipe), str(tmp_path / "forked"), "-v"])
     assert forked.returncode == 0, forked.stderr
     assert FORKED in forked.stderr
@@ -91,9 +112,8 @@ def _child_of(pid: int) -> int:
 
 
 @pytest.mark.faults
+@needs_fork
 def test_a_killed_analysis_process_ends_the_merge_cleanly(recipe, tmp_path):
-    if not fork_allowed():
-        pytest.skip("the analysis is forked on Linux with two cores or more only")
     out = tmp_path / "out"
     paused = Paused([*MERGE, str(recipe), str(out), "--no-checksums"], "analysis", tmp_path / "m")
     assert int((tmp_path / "m").read_text()) == paused.pid  # the run's pid, not the child's
@@ -107,9 +127,8 @@ def test_a_killed_analysis_process_ends_the_merge_cleanly(recipe, tmp_path):
 
 
 @pytest.mark.faults
+@needs_fork
 def test_a_killed_run_takes_its_analysis_process_with_it(recipe, tmp_path):
-    if not fork_allowed():
-        pytest.skip("the analysis is forked on Linux with two cores or more only")
     out = tmp_path / "out"
     paused = Paused([*MERGE, str(recipe), str(out), "--no-checksums"], "analysis", tmp_path / "m")
     child = _child_of(paused.pid)

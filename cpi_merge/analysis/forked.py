@@ -14,9 +14,8 @@ imports mergekit meanwhile and then waits in :meth:`ForkedAnalysis.result`.
 - Each tensor the child has read is reported to the parent, which marks it read on its
   own checkpoints: the inputs' SHA-256 still follows the analysis' one disk read
   (:meth:`~cpi_merge.io.manifest.Manifest.following`).
-- The result comes back through a pipe (pickled, protocol 5: the core positions travel
-  as raw buffers, copied once). Pickle is used only between this process and its own
-  child, never for a file.
+- The result comes back through a pipe as JSON plus the core positions' raw bytes
+  (:mod:`cpi_merge.analysis.analysis_wire`); every message is JSON (no pickle).
 - An error of :mod:`cpi_merge.errors` in the child is raised again in the parent with the
   same type and message; any other is a one-line :class:`~cpi_merge.errors.CpiError`
   (its traceback is logged at debug level), and so is a child that dies without an
@@ -32,9 +31,9 @@ analysis itself, as it does when the fork fails.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -45,6 +44,7 @@ from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 
 from cpi_merge import errors, faults
+from cpi_merge.analysis.analysis_wire import buffer_sizes, decode_analysis, encode_analysis
 from cpi_merge.analysis.run import Analysis, AnalysisOptions, run_analysis
 from cpi_merge.errors import CpiError
 from cpi_merge.io.opened import OpenedModels
@@ -133,18 +133,19 @@ class ForkedAnalysis:
         """Relay the child's read reports until its answer (or its end) arrives."""
         try:
             while True:
-                message = self._results.recv()
+                message = json.loads(self._results.recv_bytes())
                 if message[0] == "read":
                     _, model, name = message
                     self._readers[model].mark_read(name)
                     continue
                 if message[0] == "done":
-                    buffers = [bytearray(size) for size in message[2]]
+                    header = self._results.recv_bytes()
+                    buffers = [bytearray(size) for size in buffer_sizes(header)]
                     for buf in buffers:
                         self._results.recv_bytes_into(buf)
-                    self._drawing = message[3]
-                    message = ("done", pickle.loads(message[1], buffers=buffers))
-                self._answer = message
+                    self._drawing = message[1]
+                    message = ("done", decode_analysis(header, buffers))
+                self._answer = tuple(message)
                 return
         except (EOFError, OSError):
             self._answer = None
@@ -315,6 +316,10 @@ def start_forked_analysis(
         os._exit(status)
 
 
+def _send(out: Connection, message: list) -> None:
+    out.send_bytes(json.dumps(message).encode())
+
+
 def _child(
     opened: OpenedModels,
     settings: AnalysisOptions,
@@ -342,7 +347,7 @@ def _child(
 
     def report(model: int):
         def on_read(info) -> None:
-            out.send(("read", model, info.name))
+            _send(out, ["read", model, info.name])
             if waiting[0] and go.poll():
                 waiting[0] = False
                 torch.set_num_threads(threads)
@@ -353,20 +358,19 @@ def _child(
         ckpt.on_read = report(model)
     try:
         analysis = run_analysis(opened, settings, keep_cores=True)
-        buffers: list[pickle.PickleBuffer] = []
-        header = pickle.dumps(analysis, protocol=5, buffer_callback=buffers.append)
+        header, arrays = encode_analysis(analysis)
     except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
-        out.send(("error", type(exc).__name__, str(exc), traceback.format_exc()))
+        _send(out, ["error", type(exc).__name__, str(exc), traceback.format_exc()])
         return
     plan = analysis.plan
     del analysis  # the core positions: the parent holds them now
-    views = [b.raw() for b in buffers]
     draw = pictures is not None and not go.poll()  # the parent still imports: a free core
-    out.send(("done", header, [v.nbytes for v in views], draw))
-    for view in views:
-        out.send_bytes(view)
+    _send(out, ["done", draw])
+    out.send_bytes(header)
+    for array in arrays:
+        out.send_bytes(memoryview(array).cast("B"))
     out.close()
-    del header, buffers, views
+    del header, arrays
     if draw:
         from cpi_merge.report.plan_files import write_plan_pictures
 
