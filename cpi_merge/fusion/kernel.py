@@ -92,17 +92,20 @@ def fuse_tensor(
     Raises:
         NonFiniteError: A model (or θ0, when ``core_positions`` is not given) holds NaN/Inf.
     """
+    rule = dict(
+        boundaries=boundaries,
+        omegas=omegas,
+        fusion_base=fusion_base,
+        epsilon=epsilon,
+        name=name,
+        chunk_entries=chunk_entries,
+    )
     if analysed_entries is not None and analysed_entries < theta0.numel():
         head = fuse_tensor(
             theta0.reshape(-1)[:analysed_entries],
             [m.reshape(-1)[:analysed_entries] for m in models],
-            boundaries=boundaries,
-            omegas=omegas,
-            fusion_base=fusion_base,
-            epsilon=epsilon,
-            name=name,
-            chunk_entries=chunk_entries,
             core_positions=core_positions,
+            **rule,
         )
         tail = models[fusion_base].reshape(-1)[analysed_entries:]
         return torch.cat([head, tail]).reshape(theta0.shape)
@@ -145,16 +148,7 @@ def fuse_tensor(
                 start=start,
             )
             if claims is None:  # not the analysed values: find the cores from scratch
-                return fuse_tensor(
-                    theta0,
-                    models,
-                    boundaries=boundaries,
-                    omegas=omegas,
-                    fusion_base=fusion_base,
-                    epsilon=epsilon,
-                    name=name,
-                    chunk_entries=chunk_entries,
-                )
+                return fuse_tensor(theta0, models, **rule)
         else:
             base = base_buf[:m].copy_(base_flat[start:stop])
             _check_finite(base, "θ0")
