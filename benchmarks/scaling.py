@@ -4,8 +4,12 @@
 (base + N fine-tunes, bf16, the same generator as the single-size run), then times three
 commands as separate processes, interleaved over ``--repeat`` rounds after a warm-up
 read: mergekit ``task_arithmetic`` (the baseline), ``cpi-analyze`` (the default
-strategy) and ``cpi-merge`` end to end. It prints per size the medians, their ratio to
-task_arithmetic and peak RSS, so a reader sees how each grows.
+strategy), ``cpi-merge`` end to end as a user re-running a merge on the same checkpoints
+runs it (the inputs' SHA-256 remembered from the warm-up merge,
+:mod:`cpi_merge.io.digest_memo`), and ``cpi-merge --rehash``: the first merge of new
+checkpoints, every input hashed. It prints per size the medians, their ratio to
+task_arithmetic and peak RSS, so a reader sees how each grows. The remembered digests
+live in the family's folder (``CPI_MERGE_CACHE_DIR``), not the user's cache.
 
 ``--cache-limit GiB`` runs every command inside a cgroup-v1 memory group with that limit:
 the page cache the command may hold is then the limit minus its own memory, as for a user
@@ -81,7 +85,7 @@ class MemoryGroup:
 
 
 def run_measured(
-    cmd: list[str], cwd: Path, group: MemoryGroup | None = None
+    cmd: list[str], cwd: Path, group: MemoryGroup | None = None, env: dict | None = None
 ) -> tuple[float, float]:
     """Run a command; return (wall seconds, peak RSS in MiB of its process tree).
 
@@ -91,6 +95,7 @@ def run_measured(
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         preexec_fn=group.enter if group else None,  # noqa: PLW1509 - only writes one file
@@ -106,7 +111,12 @@ def run_measured(
     return wall, max(usage.ru_maxrss / 1024, tree_mib)
 
 
-OUTPUTS = {"task_arithmetic": "task_arithmetic", "cpi-analyze": "analysis", "cpi-merge": "cpi"}
+OUTPUTS = {
+    "task_arithmetic": "task_arithmetic",
+    "cpi-analyze": "analysis",
+    "cpi-merge": "cpi",
+    "cpi-merge --rehash": "cpi_rehash",
+}
 """Each command's output folder under the family's ``out``."""
 
 
@@ -171,16 +181,28 @@ def measure_size(
             str(fresh(out / OUTPUTS["cpi-merge"])),
             "--quiet",
         ],
+        "cpi-merge --rehash": lambda: [
+            str(BIN / "cpi-merge"),
+            str(recipes["cpi"]),
+            str(fresh(out / OUTPUTS["cpi-merge --rehash"])),
+            "--quiet",
+            "--rehash",
+        ],
     }
-    if group is None:
-        run_measured(commands["cpi-analyze"](), work)  # warm the page cache
-        fresh(out / OUTPUTS["cpi-analyze"])
+    memo = work / "digest_memo"
+    shutil.rmtree(memo, ignore_errors=True)
+    env = {**os.environ, "CPI_MERGE_CACHE_DIR": str(memo)}
+    # Warm-up: the page cache (uncapped runs), and the inputs' digests for "cpi-merge".
+    warm_up = ["cpi-merge"] if group is not None else ["cpi-analyze", "cpi-merge"]
+    for name in warm_up:
+        run_measured(commands[name](), work, group, env)
+        fresh(out / OUTPUTS[name])
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for r in range(repeat):
         for name, cmd in commands.items():
             if group is not None:
                 group.drop_cache()
-            samples[name].append(run_measured(cmd(), work, group))
+            samples[name].append(run_measured(cmd(), work, group, env))
             # Its output goes at once: GBs of written pages would otherwise stay in the
             # page cache and push the inputs out for the next command (at 2B inputs and
             # outputs exceed this machine's cache), so every command starts alike.
@@ -212,20 +234,25 @@ def print_table(results: Sequence[dict], repeat: int, group: MemoryGroup | None)
     )
     head = (
         "| size | inputs | task_arithmetic s | cpi-analyze s | cpi-merge s | ratio "
-        "| RSS TA MiB | RSS analyze MiB | RSS cpi-merge MiB | RSS ratio |"
+        "| cpi-merge --rehash s | ratio | RSS TA MiB | RSS analyze MiB | RSS cpi-merge MiB "
+        "| RSS ratio |"
     )
     print(head)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for res in results:
         s = res["samples"]
         wall = {n: statistics.median(x[0] for x in v) for n, v in s.items()}
         rss = {n: max(x[1] for x in v) for n, v in s.items()}
+        ta = wall["task_arithmetic"]
+        rehash = wall.get("cpi-merge --rehash", float("nan"))
+        merge_rss = max(rss["cpi-merge"], rss.get("cpi-merge --rehash", 0.0))
         print(
             f"| {res['parameters'] / 1e9:.2f}B | {res['input_bytes'] / 2**30:.1f} GiB "
-            f"| {wall['task_arithmetic']:.2f} | {wall['cpi-analyze']:.2f} "
-            f"| {wall['cpi-merge']:.2f} | **{wall['cpi-merge'] / wall['task_arithmetic']:.2f}×** "
-            f"| {rss['task_arithmetic']:.0f} | {rss['cpi-analyze']:.0f} | {rss['cpi-merge']:.0f} "
-            f"| {rss['cpi-merge'] / rss['task_arithmetic']:.2f}× |"
+            f"| {ta:.2f} | {wall['cpi-analyze']:.2f} "
+            f"| {wall['cpi-merge']:.2f} | **{wall['cpi-merge'] / ta:.2f}×** "
+            f"| {rehash:.2f} | **{rehash / ta:.2f}×** "
+            f"| {rss['task_arithmetic']:.0f} | {rss['cpi-analyze']:.0f} | {merge_rss:.0f} "
+            f"| {merge_rss / rss['task_arithmetic']:.2f}× |"
         )
 
 

@@ -34,6 +34,7 @@ from cpi_merge.fusion.recipe_for_mergekit import (
     recipe_boundaries,
     resolved_recipe,
 )
+from cpi_merge.io.digest_memo import DigestMemo
 from cpi_merge.io.lora import lora_cache
 from cpi_merge.io.manifest import Manifest
 from cpi_merge.io.opened import OpenedModels, open_models, recipe_folders
@@ -117,6 +118,7 @@ def merge(
     force: bool = False,
     allow_pickle: bool = False,
     checksums: bool = True,
+    rehash: bool = False,
     manifest: Manifest | None = None,
     ahead: MergeAhead | None = None,
     **analysis_options: Any,
@@ -130,6 +132,9 @@ def merge(
         force: Replace a non-empty ``out_dir``.
         allow_pickle: Accept pickle (``.bin``) checkpoints.
         checksums: Record SHA-256 of inputs and outputs in the manifest.
+        rehash: Hash every input from its bytes; by default an input file whose digest
+            an earlier run remembered, unchanged since (:mod:`cpi_merge.io.digest_memo`),
+            is not hashed again.
         manifest: A :class:`Manifest` already hashing the inputs (the command line starts
             one before mergekit is imported); default: a new one (``checksums``).
         ahead: The output reserved, the models opened and the analysis running since
@@ -150,7 +155,7 @@ def merge(
 
     options = options or MergeOptions()
     settings = AnalysisOptions(**{"progress": not options.quiet, **analysis_options})
-    manifest = manifest or Manifest(enabled=checksums)
+    manifest = manifest or Manifest(enabled=checksums, memo=None if rehash else DigestMemo())
     if ahead is not None and not ahead.matches(
         recipe, out_dir, force=force, allow_pickle=allow_pickle, settings=settings
     ):

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from benchmarks.synthetic import LlamaShape, TaskSpec, make_family
+
+_MEMO_DIR = tempfile.mkdtemp(prefix="cpi-digest-memo-")
+
+
+def pytest_configure(config):
+    """Remembered input digests go to a folder of this run, not the user's cache."""
+    os.environ["CPI_MERGE_CACHE_DIR"] = _MEMO_DIR
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_MEMO_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,15 @@ def test_table_shows_medians_ratios_and_peak_rss(capsys):
         "task_arithmetic": [(10.0, 1000.0), (12.0, 1100.0), (11.0, 1050.0)],
         "cpi-analyze": [(5.0, 900.0), (6.0, 950.0), (4.0, 800.0)],
         "cpi-merge": [(13.0, 1000.0), (14.0, 1200.0), (15.0, 990.0)],
+        "cpi-merge --rehash": [(17.0, 1000.0), (16.5, 1250.0), (99.0, 990.0)],
     }
     print_table([{"parameters": 2.01e9, "input_bytes": 16 * 2**30, "samples": samples}], 3, None)
     row = capsys.readouterr().out.strip().splitlines()[-1]
-    # medians 11 / 5 / 14, ratio 14/11, peak RSS is the largest sample
+    # medians 11 / 5 / 14 / 17, ratios 14/11 and 17/11; peak RSS is the largest sample of
+    # either cpi-merge
     assert row == (
-        "| 2.01B | 16.0 GiB | 11.00 | 5.00 | 14.00 | **1.27×** | 1100 | 950 | 1200 | 1.09× |"
+        "| 2.01B | 16.0 GiB | 11.00 | 5.00 | 14.00 | **1.27×** | 17.00 | **1.55×** "
+        "| 1100 | 950 | 1250 | 1.14× |"
     )
 
 

@@ -11,7 +11,9 @@ mergekit's options and receives the manifest. When the merge will run the analys
 checkpoints are held until it reads them (one disk read for both, see
 :meth:`~cpi_merge.io.manifest.Manifest.following`); the other files are hashed at once.
 Early hashing is best effort: when the recipe is not the first argument, or cannot be
-read, the merge hashes its inputs itself.
+read, the merge hashes its inputs itself. Input files whose digests an earlier run
+remembered, unchanged since, are not hashed at all (:mod:`cpi_merge.io.digest_memo`;
+``--rehash`` turns that off).
 
 ``cpi-merge verify OUT`` checks an output against its manifest (exit status 1 on any
 difference).
@@ -72,20 +74,22 @@ def _verify(out: str | None) -> None:
 @click.argument("recipe", required=False)
 @click.argument("out_path", required=False)
 @click.option("--no-checksums", is_flag=True)
+@click.option("--rehash", is_flag=True)
 @click.option("-h", "--help", "show_help", is_flag=True)
 @click.pass_context
 @report_errors
-def main(ctx: click.Context, recipe, out_path, no_checksums, show_help) -> None:
+def main(ctx: click.Context, recipe, out_path, no_checksums, rehash, show_help) -> None:
     """Start hashing RECIPE's inputs, then run the full ``cpi-merge`` command."""
     fresh = "torch" not in sys.modules  # a new process (not a test calling main in-process)
+    from cpi_merge.io.digest_memo import DigestMemo
     from cpi_merge.io.manifest import Manifest
 
     if recipe == "verify" and not show_help:
         _verify(out_path)
         return
-    manifest = Manifest(enabled=not no_checksums)
+    manifest = Manifest(enabled=not no_checksums, memo=None if rehash else DigestMemo())
     args = [a for a in (recipe, out_path) if a is not None] + ctx.args
-    args += ["--no-checksums"] * no_checksums + ["--help"] * show_help
+    args += ["--no-checksums"] * no_checksums + ["--rehash"] * rehash + ["--help"] * show_help
     ahead = None
     if not show_help:
         folders, analysed = local_inputs(recipe)

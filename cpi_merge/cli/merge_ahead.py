@@ -12,7 +12,7 @@ drops it and runs everything itself. Nothing changes in what is computed or writ
 
 Not started (the merge then runs as before) where no core is free for it during the
 import (two cores, and the inputs' SHA-256 keeps the second one busy: more than
-:data:`HASHED_DURING_IMPORT` of inputs), for Hub or LoRA references, recipes that
+:data:`HASHED_DURING_IMPORT` of inputs not remembered from an earlier run), for Hub or LoRA references, recipes that
 give every core, ``--help``, command lines it does not read with certainty, and where forking is
 not allowed (:func:`~cpi_merge.analysis.forked.fork_allowed`).
 """
@@ -184,12 +184,7 @@ def _core_to_spare(folders: list[str], manifest: Manifest) -> bool:
     if usable_cores() >= 3 or not manifest.enabled:
         return True
     try:
-        size = sum(
-            f.stat().st_size
-            for folder in dict.fromkeys(os.path.realpath(r) for r in folders)
-            for f in Path(folder).iterdir()
-            if f.is_file()
-        )
+        size = manifest.bytes_to_hash(folders)  # digests remembered from earlier runs: none
     except OSError:  # the merge reports what is wrong with the folders
         return False
     return size <= HASHED_DURING_IMPORT

@@ -22,6 +22,12 @@ from cpi_merge.cli.merge_ahead import Started
 @click.option(
     "--no-checksums", is_flag=True, help="Skip SHA-256 of inputs and outputs in cpi_manifest.json."
 )
+@click.option(
+    "--rehash",
+    is_flag=True,
+    help="Hash every input file from its bytes, even one whose SHA-256 an earlier run "
+    "remembered (same file, size, mtime and ctime).",
+)
 @add_merge_options
 @click.pass_obj
 @report_errors
@@ -34,6 +40,7 @@ def command(
     allow_pickle,
     analysis,
     no_checksums,
+    rehash,
 ):
     """Merge the models of RECIPE (a `merge_method: cpi` recipe) into OUT_PATH.
 
@@ -53,6 +60,7 @@ def command(
         force=force,
         allow_pickle=allow_pickle,
         checksums=not no_checksums,
+        rehash=rehash,
         manifest=started.manifest if started else None,
         ahead=started.ahead if started else None,
         **analysis,

@@ -10,8 +10,9 @@ releases the GIL, so the hashing runs beside the imports and the merge on the ot
 When the merge runs the analysis, the checkpoints are *held* (``hash_inputs(hold=True)``)
 and hashed behind the analysis's own first read (:meth:`Manifest.following`,
 :mod:`cpi_merge.io.follow_hash`): a checkpoint larger than the page cache is then read
-from disk once for both, not twice. The manifest is written last: a folder with a
-manifest is a complete one.
+from disk once for both, not twice. Files whose digest an earlier run remembered and that
+are unchanged since are not hashed (:mod:`cpi_merge.io.digest_memo`); the record marks
+them. The manifest is written last: a folder with a manifest is a complete one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cpi_merge.io.cache_room import inputs_fit_in_cache, page_cache_room
+from cpi_merge.io.digest_memo import DigestMemo, file_status, now_ns
 from cpi_merge.io.follow_hash import (
     FileStamp,
     FollowingHasher,
@@ -46,13 +48,18 @@ HASHED_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt", ".jinja")
 _WINDOW = 64 << 20  # a multiple of the page size
 
 
-def _stamps(folder: Path) -> list[FileStamp]:
-    stamps = []
+def _listing(folder: Path) -> list[tuple[FileStamp, os.stat_result]]:
+    """The model files directly in ``folder``, by name, with their status."""
+    files = []
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name.endswith(HASHED_SUFFIXES):
             st = p.stat()
-            stamps.append((p.name, st.st_size, st.st_mtime_ns))
-    return stamps
+            files.append(((p.name, st.st_size, st.st_mtime_ns), st))
+    return files
+
+
+def _stamps(folder: Path) -> list[FileStamp]:
+    return [stamp for stamp, _ in _listing(folder)]
 
 
 def hash_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> dict:
@@ -145,12 +152,21 @@ class Manifest:
 
     Args:
         enabled: False: nothing is hashed, and the record lists no files (``--no-checksums``).
+        memo: Digests remembered from earlier runs (:mod:`cpi_merge.io.digest_memo`):
+            unchanged input files are not hashed again, newly hashed ones are added.
+            None: every input is hashed from its bytes (``--rehash``).
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, memo: DigestMemo | None = None):
         self.enabled = enabled
+        self.memo = memo if enabled else None
         self._worker = _Worker()
         self._inputs: dict[str, tuple[list[FileStamp], Future]] = {}
+        # Per input folder: digests taken from the memo, and every file's status when
+        # its hashing started (what the memo records the new digests with).
+        self._remembered: dict[str, dict[str, dict]] = {}
+        self._status: dict[str, dict[str, os.stat_result]] = {}
+        self._started_ns = 0
         self._hashers: dict[str, FollowingHasher] = {}  # by input folder
         self._output: Future | None = None
         self._lock = threading.Lock()
@@ -175,31 +191,61 @@ class Manifest:
         if not self.enabled:
             return
         with self._lock:
-            new: dict[str, list[FileStamp]] = {}
+            self._started_ns = self._started_ns or now_ns()
+            new: dict[str, list[FileStamp]] = {}  # every file, and the files to hash
+            to_hash: dict[str, list[FileStamp]] = {}
             for folder in folders:
                 key = os.path.realpath(folder)
                 if key in self._inputs or key in new or not os.path.isdir(key):
                     continue
                 try:
-                    new[key] = _stamps(Path(key))
+                    listing = _listing(Path(key))
                 except OSError:
                     continue
+                new[key] = [stamp for stamp, _ in listing]
+                self._status[key] = {stamp[0]: st for stamp, st in listing}
+                known = {}
+                for (name, _, _), st in listing if self.memo is not None else []:
+                    remembered = self.memo.lookup(os.path.join(key, name), st)
+                    if remembered is not None:
+                        known[name] = remembered
+                self._remembered[key] = known
+                to_hash[key] = [stamp for stamp in new[key] if stamp[0] not in known]
             if not new:
                 return
             if hold:
                 tensors = sum(
                     size
-                    for stamps in new.values()
+                    for stamps in to_hash.values()
                     for name, size, _ in stamps
                     if name.endswith(".safetensors")
                 )
                 hold = not inputs_fit_in_cache(tensors, page_cache_room())
-            hasher = FollowingHasher(new, hold=hold, progress=self._count)
+            hasher = FollowingHasher(to_hash, hold=hold, progress=self._count)
             for key, stamps in new.items():
-                self._queued += sum(size for _, size, _ in stamps)
+                self._queued += sum(size for _, size, _ in to_hash[key])
                 self._inputs[key] = (stamps, hasher.futures[key])
                 self._hashers[key] = hasher
             self._worker.run_later(hasher.run)
+
+    def bytes_to_hash(self, folders: Iterable[str | os.PathLike]) -> int:
+        """Bytes of these folders' files still to hash (all of them for folders not started).
+
+        Raises:
+            OSError: A folder not started cannot be listed.
+        """
+        total = 0
+        with self._lock:
+            for folder in dict.fromkeys(os.path.realpath(f) for f in folders):
+                if not self.enabled:
+                    continue
+                if folder in self._inputs:
+                    known = self._remembered.get(folder, {})
+                    stamps = self._inputs[folder][0]
+                    total += sum(size for name, size, _ in stamps if name not in known)
+                else:
+                    total += sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+        return total
 
     def _live_hashers(self) -> list[FollowingHasher]:
         with self._lock:
@@ -271,9 +317,32 @@ class Manifest:
                 digests = job.result()
             except (OSError, ValueError, CancelledError):  # e.g. a file emptied after listing
                 digests = None
-            if digests is not None and stamps == _stamps(Path(key)):
-                return digests
+            if digests is not None and self._unchanged(key, stamps):
+                self._remember(key, digests)
+                known = self._remembered.get(key, {})
+                return {name: digests.get(name) or known[name] for name, _, _ in stamps}
         return hash_folder(folder)
+
+    def _unchanged(self, folder: str, stamps: list[FileStamp]) -> bool:
+        """Same files, sizes and times as listed; remembered ones with the same status too."""
+        listing = _listing(Path(folder))
+        if [stamp for stamp, _ in listing] != stamps:
+            return False
+        status = self._status.get(folder, {})
+        return all(
+            file_status(st) == file_status(status[name])
+            for (name, _, _), st in listing
+            if name in self._remembered.get(folder, {})
+        )
+
+    def _remember(self, folder: str, digests: dict[str, dict]) -> None:
+        """Offer the memo the digests just hashed from the files' bytes."""
+        status = self._status.get(folder, {})
+        for name, digest in digests.items() if self.memo is not None else []:
+            if name in status:
+                self.memo.remember(
+                    os.path.join(folder, name), digest, status[name], self._started_ns
+                )
 
     def hash_output(self, folder: str | os.PathLike) -> None:
         """Start hashing the finished output folder (before the pictures are added)."""
@@ -336,6 +405,8 @@ class Manifest:
             "outputs": self._output.result() if self._output is not None else None,
         }
         (Path(folder) / MANIFEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        if self.memo is not None:
+            self.memo.save()
 
     def cancel(self) -> None:
         """Stop the input hashing and drop output hashing not yet started (a failed merge)."""
