@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -180,22 +181,33 @@ def test_an_analysis_started_for_other_arguments_is_not_used(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("cores", "hashing", "size", "fork"),
+    ("cores", "hashing", "size", "started", "fork"),
     [
-        (2, True, 1 << 30, True),  # the hashes end during the import: a core is free
-        (2, True, 9 << 30, False),  # import and hashes take both cores
-        (2, False, 9 << 30, True),
-        (4, True, 9 << 30, True),
+        (2, True, 1 << 30, None, True),  # the hashes end during the import: a core is free
+        (2, True, 9 << 30, None, False),  # import and hashes take both cores
+        (2, True, 9 << 30, "held", False),  # hashed behind the read, at normal priority
+        (2, True, 9 << 30, "low priority", True),  # hashed only on CPU the merge leaves
+        (2, False, 9 << 30, None, True),
+        (4, True, 9 << 30, None, True),
     ],
 )
 def test_the_analysis_is_forked_only_when_a_core_is_free(
-    tmp_path, monkeypatch, cores, hashing, size, fork
+    tmp_path, monkeypatch, cores, hashing, size, started, fork
 ):
     from cpi_merge.cli import merge_ahead
+    from cpi_merge.io import manifest as manifest_module
     from cpi_merge.io.manifest import Manifest
 
     (tmp_path / "model.safetensors").write_bytes(b"")
     os.truncate(tmp_path / "model.safetensors", size)  # sparse: takes no disk
     monkeypatch.setattr(merge_ahead, "usable_cores", lambda: cores)
+    monkeypatch.setattr(manifest_module, "inputs_fit_in_cache", lambda *a: started != "held")
+    if started == "low priority" and sys.platform != "linux":
+        pytest.skip("per-thread priorities are Linux's")
     manifest = Manifest(enabled=hashing)
-    assert merge_ahead._core_to_spare([str(tmp_path), str(tmp_path)], manifest) == fork
+    if started is not None:
+        manifest.hash_inputs([tmp_path], hold=True)
+    try:
+        assert merge_ahead._core_to_spare([str(tmp_path), str(tmp_path)], manifest) == fork
+    finally:
+        manifest.cancel()

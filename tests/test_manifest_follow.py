@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import random
+import sys
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -302,3 +303,74 @@ def test_checkpoints_that_fit_in_the_cache_are_hashed_at_once(tmp_path, monkeypa
     manifest = Manifest()
     manifest.hash_inputs([folder], hold=True)  # never released, never followed
     assert manifest.input_digests(folder) == {p.name: _digest(p) for p in sorted(folder.iterdir())}
+
+
+def test_hand_over_moves_the_hashing_to_a_new_thread_mid_file(tmp_path, small_windows):
+    folder, path = _tensor_file(tmp_path)
+    hasher, first = _start(folder)
+    state = hasher._files[(str(folder), path.name)]
+    hasher.release(str(folder), path.name, 0, 3 * PAGE)
+    _until(lambda: state.hashed == 3 * PAGE)  # the first thread now waits for releases
+    second = hasher.hand_over()
+    first.join(10)
+    assert not first.is_alive(), "the first thread leaves once another took over"
+    assert state.hashed == 3 * PAGE and second.is_alive()
+    hasher.release_all()
+    second.join(10)
+    assert hasher.futures[str(folder)].result() == {
+        p.name: _digest(p) for p in sorted(folder.iterdir())
+    }
+    assert hasher.hand_over() is None  # nothing left
+
+
+def test_a_hasher_whose_first_thread_never_ran_is_hashed_by_the_hand_over(tmp_path):
+    folder, _ = _tensor_file(tmp_path)
+    hasher = FollowingHasher({str(folder): _stamps(folder)}, hold=False)
+    hasher.hand_over().join(10)
+    hasher.run()  # the starved thread comes at last: it must not take the hashing back
+    assert hasher.futures[str(folder)].result() == {
+        p.name: _digest(p) for p in sorted(folder.iterdir())
+    }
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
+def test_unheld_inputs_are_hashed_at_low_priority_and_a_starved_hash_still_ends(
+    tmp_path, monkeypatch
+):
+    seen = []
+
+    def nice_of_this_thread():
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    # in a thread of its own: a thread cannot take its priority back
+    niced = threading.Thread(target=manifest_module._at_low_priority, args=(nice_of_this_thread,))
+    niced.start()
+    niced.join(10)
+    assert seen == [manifest_module.LOW_PRIORITY]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < seen[0]
+    folder, _ = _tensor_file(tmp_path)
+    monkeypatch.setattr(manifest_module, "_at_low_priority", lambda job: None)  # starved
+    manifest = Manifest()
+    manifest.hash_inputs([folder])
+    assert manifest.yields_cpu([folder]) and not manifest.yields_cpu([tmp_path / "other"])
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = threading.Thread(  # the hand-over hashes it
+        target=manifest.write, args=(out, [("base", str(folder), str(folder))]), daemon=True
+    )
+    writer.start()
+    writer.join(30)
+    assert not writer.is_alive(), "the manifest waits forever for a starved hash"
+    record = json.loads((out / "cpi_manifest.json").read_text())
+    assert record["inputs"][0]["files"] == {p.name: _digest(p) for p in sorted(folder.iterdir())}
+
+
+def test_held_inputs_do_not_yield(tmp_path, monkeypatch):
+    folder, _ = _tensor_file(tmp_path)
+    monkeypatch.setattr(manifest_module, "inputs_fit_in_cache", lambda *a: False)
+    manifest = Manifest()
+    manifest.hash_inputs([folder], hold=True)
+    try:
+        assert not manifest.yields_cpu([folder])
+    finally:
+        manifest.cancel()

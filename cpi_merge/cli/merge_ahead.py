@@ -11,10 +11,11 @@ only if its own, fully parsed arguments match (:meth:`MergeAhead.matches`); othe
 drops it and runs everything itself. Nothing changes in what is computed or written.
 
 Not started (the merge then runs as before) where no core is free for it during the
-import (two cores, and the inputs' SHA-256 keeps the second one busy: more than
-:data:`HASHED_DURING_IMPORT` of inputs not remembered from an earlier run), for Hub or LoRA references, recipes that
-give every core, ``--help``, command lines it does not read with certainty, and where forking is
-not allowed (:func:`~cpi_merge.analysis.forked.fork_allowed`).
+import (two cores, and the inputs' SHA-256 keeps the second one busy: inputs held for
+the analysis's read, more than :data:`HASHED_DURING_IMPORT` of them not remembered from
+an earlier run), for Hub or LoRA references, recipes that give every core, ``--help``,
+command lines it does not read with certainty, and where forking is not allowed
+(:func:`~cpi_merge.analysis.forked.fork_allowed`).
 """
 
 from __future__ import annotations
@@ -177,11 +178,15 @@ HASHED_DURING_IMPORT = 8 << 30
 def _core_to_spare(folders: list[str], manifest: Manifest) -> bool:
     """Whether a core is free for the child while the parent imports mergekit.
 
-    The import takes one core and the inputs' SHA-256 another until it is done; on two
-    cores the child only gets in their way (2B, 3 interleaved rounds: 50.3 s forked vs
-    46.1 s not; without the hashes 32.7 s vs 39.2 s; 0.47B with them: 11.4 s vs 12.4 s).
+    The import takes one core. The inputs' SHA-256 takes none from it when it runs at
+    low priority (:meth:`Manifest.yields_cpu`: 2B, first merge, 4 interleaved rounds:
+    39.8 s forked vs 47.8 s not). Held inputs (larger than the page cache) are hashed
+    behind the analysis's read at normal priority: on two cores that takes the other
+    core until it is done, and the child only gets in the way (2B, 3 rounds: 50.3 s
+    forked vs 46.1 s not; without the hashes 32.7 s vs 39.2 s), unless little is left
+    to hash.
     """
-    if usable_cores() >= 3 or not manifest.enabled:
+    if usable_cores() >= 3 or not manifest.enabled or manifest.yields_cpu(folders):
         return True
     try:
         size = manifest.bytes_to_hash(folders)  # digests remembered from earlier runs: none

@@ -214,6 +214,9 @@ class FollowingHasher:
         self._cond = threading.Condition()
         self._cancelled = False
         self._next = 0  # where the round over the files goes on
+        self._runner: int | None = None  # the thread that hashes (see hand_over)
+        self._begun = False
+        self._window = threading.Lock()  # held while a window is hashed
 
     @property
     def holds(self) -> bool:
@@ -267,15 +270,20 @@ class FollowingHasher:
             self._cancelled = True
             self._cond.notify_all()
 
-    def _pick(self) -> tuple[_File, int] | None:
+    def _pick(self, me: int) -> tuple[_File, int] | None:
         """The next file to hash a window of, and how far; None when all are done.
 
         Waits (on the condition, which the caller holds) while no file is ready.
+
+        Args:
+            me: The calling thread: None is returned once another one took over.
 
         Raises:
             CancelledError: :meth:`cancel` was called.
         """
         while True:
+            if self._runner != me:
+                return None
             if self._cancelled:
                 raise CancelledError("input hashing cancelled")
             pending = [f for f in self._files.values() if not f.done]
@@ -290,34 +298,74 @@ class FollowingHasher:
             self._cond.wait()
 
     def run(self) -> None:
-        """Hash until every file is done or the hashing is cancelled (the worker's job)."""
-        for future in self.futures.values():
-            future.set_running_or_notify_cancel()
-        try:
+        """Hash until every file is done or the hashing is cancelled (the worker's job).
+
+        Returns at once if :meth:`hand_over` came first (its thread hashes instead).
+        """
+        self._take_over(first=True)
+
+    def hand_over(self) -> threading.Thread | None:
+        """Go on hashing in a new thread, created by the caller (so at its priority).
+
+        The thread that ran :meth:`run` stops after its current window. This lets a
+        thread that waits for the digests move hashing started at low priority to its
+        own priority (a thread cannot raise its own priority again).
+
+        Returns:
+            The new thread, or None when there is nothing left to hash.
+        """
+        with self._cond:
+            if self._files and all(f.done for f in self._files.values()):
+                return None
+        thread = threading.Thread(target=self._take_over, name="cpi-hash-now", daemon=True)
+        thread.start()
+        return thread
+
+    def _take_over(self, first: bool = False) -> None:
+        with self._cond:
+            if first and self._begun:
+                return
+            self._runner = threading.get_ident()
+            self._cond.notify_all()  # the old runner may wait for releases: it leaves
+            begin, self._begun = not self._begun, True
+        if begin:  # the first runner (or one that takes over before it started)
+            for future in self.futures.values():
+                future.set_running_or_notify_cancel()
             for folder in self.futures:  # folders with no bytes to hash are done already
                 self._finish(folder)
+        self._hash_while_runner()
+
+    def _hash_while_runner(self) -> None:
+        """Hash windows until done, cancelled or another thread took over."""
+        me = threading.get_ident()
+        try:
             while True:
                 with self._cond:
-                    picked = self._pick()
+                    picked = None if self._runner != me else self._pick(me)
                 if picked is None:
                     break
                 f, stop = picked
-                try:
-                    if f.mapped is None:  # opened when first needed: few open at a time
-                        f.open()
-                    n = f.hash_to(min(stop, f.size)) if f.size else 0
-                except OSError as exc:  # e.g. removed after it was listed: the folder fails
-                    self._fail(f.folder, exc)
-                    continue
+                with self._window:
+                    if self._runner != me:  # taken over meanwhile: the new runner goes on
+                        return
+                    try:
+                        if f.mapped is None:  # opened when first needed: few open at a time
+                            f.open()
+                        n = f.hash_to(min(stop, f.size)) if f.size else 0
+                    except OSError as exc:  # e.g. removed after listing: the folder fails
+                        self._fail(f.folder, exc)
+                        continue
+                    if f.done:
+                        f.close()
+                        self._finish(f.folder)
                 if self._progress is not None:
                     self._progress(n)
-                if f.done:
-                    f.close()
-                    self._finish(f.folder)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for a folder
             for folder in list(self.futures):
                 self._fail(folder, exc)
-        finally:
+        if self._runner != me:
+            return
+        with self._window:
             for f in list(self._files.values()):
                 f.close()
 

@@ -23,6 +23,7 @@ import logging
 import mmap
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, wait
@@ -111,6 +112,26 @@ def hash_folder(
 
 
 MANIFEST_FILE = "cpi_manifest.json"
+LOW_PRIORITY = 19
+"""Nice value of input hashing that nothing waits for yet (see :func:`_at_low_priority`)."""
+
+
+def _at_low_priority(job: Callable[[], None]) -> None:
+    """Run ``job`` in this thread at nice :data:`LOW_PRIORITY` (Linux sets it per thread).
+
+    Hashing that nothing waits for then takes only CPU time the merge leaves: on two
+    cores, 2B parameters, the first merge of new inputs (16 GB hashed) took 39.8 s with
+    it (and the analysis forked) against 47.8 s without (median of 4 interleaved
+    rounds). A thread cannot raise its priority again: whoever comes to wait for the
+    digests hands the rest over (:meth:`FollowingHasher.hand_over`).
+    """
+    try:
+        tid = threading.get_native_id()
+        nice = max(LOW_PRIORITY, os.getpriority(os.PRIO_PROCESS, tid))
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (AttributeError, OSError):  # not supported here: hash at normal priority
+        pass
+    job()
 
 
 class _Worker:
@@ -167,6 +188,7 @@ class Manifest:
         self._remembered: dict[str, dict[str, dict]] = {}
         self._status: dict[str, dict[str, os.stat_result]] = {}
         self._started_ns = 0
+        self._low_priority: list[FollowingHasher] = []  # hashed in a thread of their own
         self._hashers: dict[str, FollowingHasher] = {}  # by input folder
         self._output: Future | None = None
         self._lock = threading.Lock()
@@ -226,7 +248,29 @@ class Manifest:
                 self._queued += sum(size for _, size, _ in to_hash[key])
                 self._inputs[key] = (stamps, hasher.futures[key])
                 self._hashers[key] = hasher
-            self._worker.run_later(hasher.run)
+            if hasher.holds or sys.platform != "linux":
+                self._worker.run_later(hasher.run)
+                return
+            # Nothing waits for these digests until the manifest is written: hash them at
+            # low priority in a thread of their own; write() hands what is left over to
+            # a thread at normal priority (a busy machine must not starve them).
+            self._low_priority.append(hasher)
+            threading.Thread(
+                target=_at_low_priority, args=(hasher.run,), name="cpi-hash-inputs", daemon=True
+            ).start()
+
+    def yields_cpu(self, folders: Iterable[str | os.PathLike]) -> bool:
+        """Whether these folders are hashed at low priority, behind the merge (none held)."""
+        with self._lock:
+            keys = {os.path.realpath(f) for f in folders}
+            return bool(keys) and all(self._hashers.get(k) in self._low_priority for k in keys)
+
+    def _hurry(self) -> None:
+        """Move low-priority hashing to a thread at the caller's priority (it waits now)."""
+        with self._lock:
+            hashers, self._low_priority = self._low_priority, []
+        for hasher in hashers:
+            hasher.hand_over()
 
     def bytes_to_hash(self, folders: Iterable[str | os.PathLike]) -> int:
         """Bytes of these folders' files still to hash (all of them for folders not started).
@@ -311,6 +355,7 @@ class Manifest:
             hasher = self._hashers.get(key)
         if started is not None:
             stamps, job = started
+            self._hurry()
             if hasher is not None:
                 hasher.release_all()  # needed now: never wait for a read that may not come
             try:
@@ -389,6 +434,7 @@ class Manifest:
             **header: Provenance fields written first (``created_by``, ``mergekit``).
         """
         self.release()
+        self._hurry()
         if progress and self.enabled:
             self._wait_with_progress()
         record = {
