@@ -22,6 +22,12 @@ def pytest_unconfigure(config):
     shutil.rmtree(_MEMO_DIR, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _own_digest_memo(monkeypatch, tmp_path_factory):
+    """Each test starts with no remembered digests (else results depend on timing)."""
+    monkeypatch.setenv("CPI_MERGE_CACHE_DIR", str(tmp_path_factory.mktemp("memo")))
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """Base, data, probes and their merge (tests/helpers/consolidation_world.py), made once."""

@@ -42,10 +42,13 @@ def test_an_unchanged_file_is_remembered_across_memo_objects(tmp_path):
 def test_same_size_same_mtime_new_bytes_is_not_remembered(tmp_path):
     path, memo, _ = _remembered(tmp_path)
     before = os.stat(path)
+    time.sleep(0.05)  # past the kernel's timestamp granularity (a jiffy before Linux 6.13)
     path.write_bytes(b"y" * 1000)  # same size...
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # ...and mtime put back
     after = os.stat(path)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    if after.st_ctime_ns == before.st_ctime_ns:
+        pytest.skip("this file system's ctime did not move in 50 ms")
     assert DigestMemo(memo.path).lookup(path, after) is None  # ctime moved
 
 
@@ -83,7 +86,8 @@ def test_the_memo_keeps_only_the_newest_entries(tmp_path, monkeypatch):
         f = tmp_path / f"f{i}"
         f.write_bytes(bytes([i]))
         memo = DigestMemo(memo_file)
-        memo.remember(f, {"bytes": 1, "sha256": _sha(f)}, os.stat(f), time.time_ns() + i * LATER)
+        later = time.time_ns() + (i + 1) * LATER
+        assert memo.remember(f, {"bytes": 1, "sha256": _sha(f)}, os.stat(f), later)
         memo.save()
     kept = json.loads(memo_file.read_text())["files"]
     assert sorted(os.path.basename(k) for k in kept) == ["f2", "f3", "f4"]
@@ -122,6 +126,7 @@ def test_a_second_manifest_takes_the_remembered_digests(tmp_path, monkeypatch):
 
     # A rewritten file is hashed again (the new digest), the unchanged one still remembered.
     monkeypatch.setattr(digest_memo, "SETTLED_NS", 0)
+    time.sleep(0.05)  # a new ctime, even with coarse timestamps
     (folder / "config.json").write_bytes(b"[]")
     to_hash, third = _manifest_run(folder, tmp_path / "o3", memo_file)
     assert to_hash == 2 and "remembered" not in third["config.json"]
@@ -148,14 +153,17 @@ def test_a_remembered_file_changed_during_the_merge_is_hashed_again(tmp_path, mo
     manifest.hash_inputs([folder])
     weights = folder / "model.safetensors"
     before = os.stat(weights)
+    time.sleep(0.05)  # past the kernel's timestamp granularity (a jiffy before Linux 6.13)
     weights.write_bytes(os.urandom(70_000))  # same size, mtime put back: only ctime tells
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    if os.stat(weights).st_ctime_ns == before.st_ctime_ns:
+        pytest.skip("this file system's ctime did not move in 50 ms")
     got = manifest.input_digests(folder)
     assert got["model.safetensors"]["sha256"] == _sha(weights)
     assert "remembered" not in got["model.safetensors"]
 
 
-def test_a_second_merge_of_the_same_inputs_hashes_only_what_changed(
+def test_a_second_merge_of_the_same_inputs_takes_their_remembered_digests(
     tmp_path, tiny_family, monkeypatch
 ):
     from helpers.files import merged, write_recipe
@@ -184,3 +192,27 @@ def test_a_second_merge_of_the_same_inputs_hashes_only_what_changed(
     assert _sha(tmp_path / "first" / "model.safetensors") == _sha(
         tmp_path / "second" / "model.safetensors"
     )
+
+
+def test_a_memo_writable_by_others_is_not_believed(tmp_path):
+    path, memo, _ = _remembered(tmp_path)
+    os.chmod(memo.path, 0o666)
+    assert DigestMemo(memo.path).lookup(path, os.stat(path)) is None
+    os.chmod(memo.path, 0o600)
+    assert DigestMemo(memo.path).lookup(path, os.stat(path)) is not None
+
+
+def test_bad_entries_are_dropped_and_a_relative_memo_path_is_not_used(tmp_path, monkeypatch):
+    path, memo, digest = _remembered(tmp_path)
+    record = json.loads(memo.path.read_text())
+    record["files"]["/x"] = "not a dict"
+    record["files"]["/y"] = {"status": [], "sha256": "0" * 64}  # no hashed_at
+    memo.path.write_text(json.dumps(record))
+    again = DigestMemo(memo.path)
+    assert again.lookup(path, os.stat(path))["sha256"] == digest["sha256"]
+    assert set(again._load()) == {os.path.realpath(path)}
+    monkeypatch.chdir(tmp_path)
+    relative = DigestMemo("memo_here.json")
+    relative.remember(path, digest, os.stat(path), time.time_ns() + LATER)
+    relative.save()
+    assert not (tmp_path / "memo_here.json").exists()

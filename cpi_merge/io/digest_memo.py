@@ -15,7 +15,9 @@ recorded from a hash of the whole file, with the same status before and after.
 
 The memo is one small JSON file (``$CPI_MERGE_CACHE_DIR`` or
 ``$XDG_CACHE_HOME/cpi-merge``, default ``~/.cache/cpi-merge``), written atomically; a
-missing, unreadable or foreign one is treated as empty. ``cpi-merge --rehash`` hashes
+missing, unreadable or foreign one (another format, another owner, writable by others)
+is treated as empty, and bad entries are dropped. On a network file system whose
+attribute cache can hide another machine's writes, use ``--rehash``. ``cpi-merge --rehash`` hashes
 every input from its bytes, and the manifest marks each remembered digest
 (``"remembered": <when it was hashed>``).
 """
@@ -59,17 +61,26 @@ class DigestMemo:
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else memo_path()
+        # Not an absolute path (no home folder): no memo rather than one in the cwd.
+        self.enabled = self.path.is_absolute()
         self._entries: dict[str, dict] | None = None
         self._new: dict[str, dict] = {}
 
     def _load(self) -> dict[str, dict]:
         if self._entries is None:
+            self._entries = {}
             try:
-                record = json.loads(self.path.read_text(encoding="utf-8"))
-                entries = record["files"] if record.get("format") == _FORMAT else {}
-                self._entries = entries if isinstance(entries, dict) else {}
-            except (OSError, ValueError, KeyError, AttributeError, TypeError):
-                self._entries = {}
+                if self.enabled and _trusted(self.path):
+                    record = json.loads(self.path.read_text(encoding="utf-8"))
+                    if isinstance(record, dict) and record.get("format") == _FORMAT:
+                        files = record.get("files")
+                        self._entries = {
+                            k: v
+                            for k, v in (files.items() if isinstance(files, dict) else [])
+                            if isinstance(v, dict) and isinstance(v.get("hashed_at"), str)
+                        }
+            except (OSError, ValueError):
+                pass
         return self._entries
 
     def lookup(self, path: str | os.PathLike, st: os.stat_result) -> dict | None:
@@ -129,15 +140,15 @@ class DigestMemo:
         The file is read again first, so two merges at once lose nothing but, at worst,
         each other's newest entries (those files are then hashed once more).
         """
-        if not self._new:
+        if not self._new or not self.enabled:
             return
         self._entries = None
         entries = {**self._load(), **self._new}
         if len(entries) > MAX_ENTRIES:
-            newest = sorted(entries, key=lambda k: str(entries[k].get("hashed_at")))
+            newest = sorted(entries, key=lambda k: entries[k]["hashed_at"])
             entries = {k: entries[k] for k in newest[-MAX_ENTRIES:]}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".digests-", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -149,6 +160,16 @@ class DigestMemo:
         except OSError:
             return
         self._entries, self._new = entries, {}
+
+
+def _trusted(path: Path) -> bool:
+    """Whether a memo file may be believed: absent, or this user's and writable by no other."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    owner_ok = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return owner_ok and not st.st_mode & 0o022
 
 
 def now_ns() -> int:

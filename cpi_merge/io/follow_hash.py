@@ -12,10 +12,12 @@ before the bfloat16 weights), so the watermark does not stall on them.
 The reader reports each tensor it has read through ``Checkpoint.on_read``
 (:class:`ReadReporter`). The analysis reads all models side by side, so one
 :class:`FollowingHasher` hashes all the files of its folders interleaved (a window of
-each ready file in turn), in the one background thread of the
-:class:`~cpi_merge.io.manifest.Manifest`. Every wait ends on a release or on
-:meth:`FollowingHasher.cancel`, and whoever needs a digest releases first: nothing can
-wait forever, and a digest is only ever that of a whole file.
+each ready file in turn), in one thread at a time: the background thread of the
+:class:`~cpi_merge.io.manifest.Manifest`, or one at low priority that hands over to a
+new thread when someone comes to wait (:meth:`FollowingHasher.hand_over`). Every wait
+ends on a release or on :meth:`FollowingHasher.cancel`, and whoever needs a digest
+releases first: nothing can wait forever, and a digest is only ever that of a whole
+file.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ class _File:
 
 
 class FollowingHasher:
-    """Hashes the files of some folders in one thread, each as far as it is released.
+    """Hashes the files of some folders, one thread at a time, each as far as it is released.
 
     Args:
         folders: ``{folder: its files as listed}``.
@@ -211,12 +213,12 @@ class FollowingHasher:
         }
         self.futures: dict[str, Future] = {folder: Future() for folder in folders}
         self._progress = progress
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # an RLock: _finish/_fail also run under it
         self._cancelled = False
         self._next = 0  # where the round over the files goes on
         self._runner: int | None = None  # the thread that hashes (see hand_over)
         self._begun = False
-        self._window = threading.Lock()  # held while a window is hashed
+        self._window = threading.RLock()  # held while a file is hashed, opened or closed
 
     @property
     def holds(self) -> bool:
@@ -307,15 +309,16 @@ class FollowingHasher:
     def hand_over(self) -> threading.Thread | None:
         """Go on hashing in a new thread, created by the caller (so at its priority).
 
-        The thread that ran :meth:`run` stops after its current window. This lets a
-        thread that waits for the digests move hashing started at low priority to its
-        own priority (a thread cannot raise its own priority again).
+        The thread that ran :meth:`run` stops after its current window (which the new
+        thread waits for: at most ``_WINDOW`` bytes). This lets a thread that waits for
+        the digests move hashing started at low priority to its own priority (a thread
+        cannot raise its own priority again).
 
         Returns:
             The new thread, or None when there is nothing left to hash.
         """
         with self._cond:
-            if self._files and all(f.done for f in self._files.values()):
+            if self._begun and all(f.done for f in self._files.values()):
                 return None
         thread = threading.Thread(target=self._take_over, name="cpi-hash-now", daemon=True)
         thread.start()
@@ -327,12 +330,12 @@ class FollowingHasher:
                 return
             self._runner = threading.get_ident()
             self._cond.notify_all()  # the old runner may wait for releases: it leaves
-            begin, self._begun = not self._begun, True
-        if begin:  # the first runner (or one that takes over before it started)
-            for future in self.futures.values():
-                future.set_running_or_notify_cancel()
-            for folder in self.futures:  # folders with no bytes to hash are done already
-                self._finish(folder)
+            if not self._begun:  # the first runner (or one that came before it started)
+                self._begun = True
+                for future in self.futures.values():
+                    future.set_running_or_notify_cancel()
+                for folder in self.futures:  # folders with no bytes to hash are done
+                    self._finish(folder)
         self._hash_while_runner()
 
     def _hash_while_runner(self) -> None:
@@ -361,29 +364,31 @@ class FollowingHasher:
                 if self._progress is not None:
                     self._progress(n)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for a folder
+            if self._runner != me:  # taken over meanwhile: the new runner decides
+                return
             for folder in list(self.futures):
                 self._fail(folder, exc)
-        if self._runner != me:
-            return
-        with self._window:
-            for f in list(self._files.values()):
-                f.close()
+        with self._window, self._cond:
+            if self._runner == me:
+                for f in self._files.values():
+                    f.close()
 
     def _finish(self, folder: str) -> None:
-        future = self.futures[folder]
-        files = [f for (d, _), f in self._files.items() if d == folder]
-        if not future.done() and all(f.done for f in files):
-            future.set_result(
-                {f.name: {"bytes": f.size, "sha256": f.digest.hexdigest()} for f in files}
-            )
+        with self._cond:
+            future = self.futures[folder]
+            files = [f for (d, _), f in self._files.items() if d == folder]
+            if not future.done() and all(f.done for f in files):
+                future.set_result(
+                    {f.name: {"bytes": f.size, "sha256": f.digest.hexdigest()} for f in files}
+                )
 
     def _fail(self, folder: str, exc: BaseException) -> None:
         """End a folder with ``exc`` and stop hashing its files."""
-        with self._cond:
+        with self._window, self._cond:  # never close a file while a window of it is hashed
             for key in [k for k in self._files if k[0] == folder]:
                 self._files.pop(key).close()
-        if not self.futures[folder].done():
-            self.futures[folder].set_exception(exc)
+            if not self.futures[folder].done():
+                self.futures[folder].set_exception(exc)
 
 
 def reader_spans(ckpt: Checkpoint, names: set[str]) -> dict[str, dict[str, tuple[int, int]]]:

@@ -189,14 +189,16 @@ class Manifest:
         self._status: dict[str, dict[str, os.stat_result]] = {}
         self._started_ns = 0
         self._low_priority: list[FollowingHasher] = []  # hashed in a thread of their own
+        self._count_lock = threading.Lock()
         self._hashers: dict[str, FollowingHasher] = {}  # by input folder
         self._output: Future | None = None
         self._lock = threading.Lock()
         self._queued = 0  # bytes handed to the worker, and bytes it has hashed
         self._hashed = 0
 
-    def _count(self, n: int) -> None:  # the worker's progress (one writer: the worker)
-        self._hashed += n
+    def _count(self, n: int) -> None:  # progress of whichever thread hashes
+        with self._count_lock:
+            self._hashed += n
 
     def hash_inputs(self, folders: Iterable[str | os.PathLike], *, hold: bool = False) -> None:
         """Start hashing these folders (ones already started, or not folders, are skipped).
@@ -260,7 +262,15 @@ class Manifest:
             ).start()
 
     def yields_cpu(self, folders: Iterable[str | os.PathLike]) -> bool:
-        """Whether these folders are hashed at low priority, behind the merge (none held)."""
+        """Whether these folders are hashed at low priority, behind the merge.
+
+        Args:
+            folders: Input folders.
+
+        Returns:
+            True when every one of them was started and none is held for the analysis's
+            read (held inputs are hashed at normal priority, beside it).
+        """
         with self._lock:
             keys = {os.path.realpath(f) for f in folders}
             return bool(keys) and all(self._hashers.get(k) in self._low_priority for k in keys)
@@ -273,7 +283,14 @@ class Manifest:
             hasher.hand_over()
 
     def bytes_to_hash(self, folders: Iterable[str | os.PathLike]) -> int:
-        """Bytes of these folders' files still to hash (all of them for folders not started).
+        """Bytes this run hashes for these folders (none when the manifest is disabled).
+
+        Args:
+            folders: Input folders.
+
+        Returns:
+            For started folders, the size of their files not remembered from an earlier
+            run (hashed or not yet); for the others, the size of every file in them.
 
         Raises:
             OSError: A folder not started cannot be listed.
@@ -369,15 +386,14 @@ class Manifest:
         return hash_folder(folder)
 
     def _unchanged(self, folder: str, stamps: list[FileStamp]) -> bool:
-        """Same files, sizes and times as listed; remembered ones with the same status too."""
+        """Same files as listed, each with the same status (inode, size, mtime, ctime)."""
         listing = _listing(Path(folder))
         if [stamp for stamp, _ in listing] != stamps:
             return False
         status = self._status.get(folder, {})
         return all(
-            file_status(st) == file_status(status[name])
+            name in status and file_status(st) == file_status(status[name])
             for (name, _, _), st in listing
-            if name in self._remembered.get(folder, {})
         )
 
     def _remember(self, folder: str, digests: dict[str, dict]) -> None:
