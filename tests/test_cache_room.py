@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from cpi_merge.io.cache_room import inputs_fit_in_cache, page_cache_room
+import os
+import sys
+
+import pytest
+
+from cpi_merge.io.cache_room import inputs_fit_in_cache, page_cache_room, resident_share
 
 
 def _files(tmp_path, cgroup_line, limit_path=None, limit=None):
@@ -40,3 +45,45 @@ def test_nothing_readable_means_unknown_and_fitting(tmp_path):
     assert page_cache_room(missing, missing, missing) is None
     assert inputs_fit_in_cache(10**15, None)
     assert inputs_fit_in_cache(8, 10) and not inputs_fit_in_cache(9, 10)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mincore is measured on Linux")
+def test_resident_share_sees_pages_in_and_out_of_the_cache(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(8 << 20))  # just written: in the page cache
+    assert resident_share([str(path)]) >= 0.9
+    assert resident_share([str(path)], step=1 << 20) >= 0.9  # several mappings, sampled
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    share = resident_share([str(path)])
+    if share > 0.5:
+        pytest.skip("this file system keeps the pages (tmpfs?)")
+    assert share <= 0.1
+    with open(path, "rb") as f:  # read again: back in
+        f.read()
+    assert resident_share([str(path)]) >= 0.9
+    assert resident_share([str(tmp_path / "missing")]) is None
+
+
+def test_inputs_in_the_cache_are_not_held_even_when_the_room_says_they_do_not_fit(
+    tmp_path, monkeypatch
+):
+    from cpi_merge.io import manifest as manifest_module
+    from cpi_merge.io.manifest import Manifest
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    monkeypatch.setattr(manifest_module, "inputs_fit_in_cache", lambda *a: False)
+    for share, held in [(1.0, False), (0.0, True), (None, True)]:
+        monkeypatch.setattr(manifest_module, "resident_share", lambda paths, s=share: s)
+        manifest = Manifest(memo=None)
+        manifest.hash_inputs([folder], hold=True)
+        try:
+            assert manifest._hashers[str(folder.resolve())].holds == held, share
+        finally:
+            manifest.cancel()

@@ -202,6 +202,7 @@ def test_the_analysis_is_forked_only_when_a_core_is_free(
     os.truncate(tmp_path / "model.safetensors", size)  # sparse: takes no disk
     monkeypatch.setattr(merge_ahead, "usable_cores", lambda: cores)
     monkeypatch.setattr(manifest_module, "inputs_fit_in_cache", lambda *a: started != "held")
+    monkeypatch.setattr(manifest_module, "resident_share", lambda paths: 0.0)
     if started == "low priority" and sys.platform != "linux":
         pytest.skip("per-thread priorities are Linux's")
     manifest = Manifest(enabled=hashing)

@@ -33,6 +33,7 @@ PAGE = mmap.PAGESIZE
 def inputs_larger_than_the_cache(monkeypatch):
     """The tiny test checkpoints stand for ones that do not fit in the page cache."""
     monkeypatch.setattr(manifest_module, "page_cache_room", lambda: 1)
+    monkeypatch.setattr(manifest_module, "resident_share", lambda paths: 0.0)
 
 
 def _digest(path):

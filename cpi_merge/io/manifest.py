@@ -31,7 +31,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cpi_merge.io.cache_room import inputs_fit_in_cache, page_cache_room
+from cpi_merge.io.cache_room import (
+    RESIDENT_ENOUGH,
+    inputs_fit_in_cache,
+    page_cache_room,
+    resident_share,
+)
 from cpi_merge.io.digest_memo import DigestMemo, file_status, now_ns
 from cpi_merge.io.follow_hash import (
     FileStamp,
@@ -208,9 +213,9 @@ class Manifest:
             hold: Hash their ``.safetensors`` files only as the analysis reads them
                 (:meth:`following`), or once :meth:`release` is called; every other
                 file is hashed at once. Whatever waits for a digest releases first.
-                Ignored when the checkpoints fit in the page cache
-                (:mod:`cpi_merge.io.cache_room`): hashing them at once then costs no
-                extra read and runs while mergekit is imported.
+                Ignored when the checkpoints fit in the page cache or are mostly in
+                it already (:mod:`cpi_merge.io.cache_room`): hashing them at once then
+                costs no extra read and runs while mergekit is imported.
         """
         if not self.enabled:
             return
@@ -238,13 +243,17 @@ class Manifest:
             if not new:
                 return
             if hold:
-                tensors = sum(
-                    size
-                    for stamps in to_hash.values()
+                held = [
+                    (os.path.join(key, name), size)
+                    for key, stamps in to_hash.items()
                     for name, size, _ in stamps
                     if name.endswith(".safetensors")
+                ]
+                tensors = sum(size for _, size in held)
+                hold = (
+                    not inputs_fit_in_cache(tensors, page_cache_room())
+                    and (resident_share([path for path, _ in held]) or 0.0) < RESIDENT_ENOUGH
                 )
-                hold = not inputs_fit_in_cache(tensors, page_cache_room())
             hasher = FollowingHasher(to_hash, hold=hold, progress=self._count)
             for key, stamps in new.items():
                 self._queued += sum(size for _, size, _ in to_hash[key])
