@@ -16,10 +16,10 @@ recorded from a hash of the whole file, with the same status before and after.
 The memo is one small JSON file (``$CPI_MERGE_CACHE_DIR`` or
 ``$XDG_CACHE_HOME/cpi-merge``, default ``~/.cache/cpi-merge``), written atomically; a
 missing, unreadable or foreign one (another format, another owner, writable by others)
-is treated as empty, and bad entries are dropped. On a network file system whose
-attribute cache can hide another machine's writes, use ``--rehash``. ``cpi-merge --rehash`` hashes
-every input from its bytes, and the manifest marks each remembered digest
-(``"remembered": <when it was hashed>``).
+is treated as empty, and bad entries are dropped. The manifest marks each remembered
+digest (``"remembered": <when it was hashed>``). ``cpi-merge --rehash`` hashes every
+input from its bytes: use it on a network file system whose attribute cache can hide
+another machine's writes.
 """
 
 from __future__ import annotations
