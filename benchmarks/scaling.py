@@ -175,19 +175,16 @@ def measure_size(
             "-q",
             "--no-plots",
         ],
-        "cpi-merge": lambda: [
-            str(BIN / "cpi-merge"),
-            str(recipes["cpi"]),
-            str(fresh(out / OUTPUTS["cpi-merge"])),
-            "--quiet",
-        ],
-        "cpi-merge --rehash": lambda: [
-            str(BIN / "cpi-merge"),
-            str(recipes["cpi"]),
-            str(fresh(out / OUTPUTS["cpi-merge --rehash"])),
-            "--quiet",
-            "--rehash",
-        ],
+        **{
+            name: lambda name=name: [
+                str(BIN / "cpi-merge"),
+                str(recipes["cpi"]),
+                str(fresh(out / OUTPUTS[name])),
+                "--quiet",
+                *name.split()[1:],  # "--rehash"
+            ]
+            for name in ("cpi-merge", "cpi-merge --rehash")
+        },
     }
     memo = work / "digest_memo"
     shutil.rmtree(memo, ignore_errors=True)

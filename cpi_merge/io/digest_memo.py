@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -93,13 +92,13 @@ class DigestMemo:
         Returns:
             ``{"bytes", "sha256", "remembered"}`` (when it was hashed, UTC), or None.
         """
-        entry = self._load().get(os.path.realpath(path))
-        if not isinstance(entry, dict) or entry.get("status") != file_status(st):
+        entry = self._load().get(os.path.realpath(path))  # dicts with a hashed_at only
+        if entry is None or entry.get("status") != file_status(st):
             return None
-        digest, when = entry.get("sha256"), entry.get("hashed_at")
-        if not isinstance(digest, str) or len(digest) != 64 or not isinstance(when, str):
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
             return None
-        return {"bytes": st.st_size, "sha256": digest, "remembered": when}
+        return {"bytes": st.st_size, "sha256": digest, "remembered": entry["hashed_at"]}
 
     def remember(
         self, path: str | os.PathLike, digest: dict, before: os.stat_result, started_ns: int
@@ -163,15 +162,10 @@ class DigestMemo:
 
 
 def _trusted(path: Path) -> bool:
-    """Whether a memo file may be believed: absent, or this user's and writable by no other."""
+    """Whether the memo file exists, is this user's, and is writable by no other."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return False
     owner_ok = not hasattr(os, "getuid") or st.st_uid == os.getuid()
     return owner_ok and not st.st_mode & 0o022
-
-
-def now_ns() -> int:
-    """The wall clock in nanoseconds (what file timestamps are compared with)."""
-    return time.time_ns()

@@ -344,7 +344,7 @@ class FollowingHasher:
         try:
             while True:
                 with self._cond:
-                    picked = None if self._runner != me else self._pick(me)
+                    picked = self._pick(me)
                 if picked is None:
                     break
                 f, stop = picked

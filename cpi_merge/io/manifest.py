@@ -25,6 +25,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, wait
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from cpi_merge.io.cache_room import (
     page_cache_room,
     resident_share,
 )
-from cpi_merge.io.digest_memo import DigestMemo, file_status, now_ns
+from cpi_merge.io.digest_memo import DigestMemo, file_status
 from cpi_merge.io.follow_hash import (
     FileStamp,
     FollowingHasher,
@@ -220,7 +221,7 @@ class Manifest:
         if not self.enabled:
             return
         with self._lock:
-            self._started_ns = self._started_ns or now_ns()
+            self._started_ns = self._started_ns or time.time_ns()
             new: dict[str, list[FileStamp]] = {}  # every file, and the files to hash
             to_hash: dict[str, list[FileStamp]] = {}
             for folder in folders:
@@ -304,11 +305,11 @@ class Manifest:
         Raises:
             OSError: A folder not started cannot be listed.
         """
+        if not self.enabled:
+            return 0
         total = 0
         with self._lock:
             for folder in dict.fromkeys(os.path.realpath(f) for f in folders):
-                if not self.enabled:
-                    continue
                 if folder in self._inputs:
                     known = self._remembered.get(folder, {})
                     stamps = self._inputs[folder][0]
@@ -388,22 +389,16 @@ class Manifest:
                 digests = job.result()
             except (OSError, ValueError, CancelledError):  # e.g. a file emptied after listing
                 digests = None
-            if digests is not None and self._unchanged(key, stamps):
+            if digests is not None and self._unchanged(key):
                 self._remember(key, digests)
                 known = self._remembered.get(key, {})
                 return {name: digests.get(name) or known[name] for name, _, _ in stamps}
         return hash_folder(folder)
 
-    def _unchanged(self, folder: str, stamps: list[FileStamp]) -> bool:
+    def _unchanged(self, folder: str) -> bool:
         """Same files as listed, each with the same status (inode, size, mtime, ctime)."""
-        listing = _listing(Path(folder))
-        if [stamp for stamp, _ in listing] != stamps:
-            return False
-        status = self._status.get(folder, {})
-        return all(
-            name in status and file_status(st) == file_status(status[name])
-            for (name, _, _), st in listing
-        )
+        listed = {name: file_status(st) for name, st in self._status.get(folder, {}).items()}
+        return listed == {stamp[0]: file_status(st) for stamp, st in _listing(Path(folder))}
 
     def _remember(self, folder: str, digests: dict[str, dict]) -> None:
         """Offer the memo the digests just hashed from the files' bytes."""
